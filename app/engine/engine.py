@@ -1,0 +1,331 @@
+"""One served model: prompt assembly, validation, and completion runs over the decode loop."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from config import ModelConfig
+
+from ..errors import InvalidRequestError, ServerBusyError
+from .generate import CausalRunner, generate
+from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
+from .sampling import TokenChooser
+from .stopping import StopCondition
+from .text import IncrementalDetokenizer, SequenceState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated completion of one prompt: what the decode loop is asked to do."""
+
+    request_id: str
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int = 1
+    echo: bool = False
+    used_fim: bool = False
+
+
+class Gate:
+    """Counts requests in a worker and refuses new ones past a limit (one runs, the rest wait)."""
+
+    def __init__(self, max_waiting: int):
+        self.limit = max_waiting + 1
+        self.count = 0
+        self._mutex = threading.Lock()
+
+    def enter(self) -> None:
+        """Admit a request or raise :class:`ServerBusyError`."""
+        with self._mutex:
+            if self.count >= self.limit:
+                raise ServerBusyError(f"this worker already has {self.count} requests in progress; retry shortly")
+            self.count += 1
+
+    def leave(self) -> None:
+        """Release a request admitted by :meth:`enter`."""
+        with self._mutex:
+            self.count -= 1
+
+
+class Engine:
+    """A loaded model and tokenizer, ready to complete prompts one request at a time."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: torch.nn.Module,
+        tokenizer,
+        device: torch.device,
+        *,
+        reuse_prefix: bool = True,
+        debug: bool = False,
+        max_waiting: int = 8,
+    ):
+        self.config = config
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.debug = debug
+        self.runner = CausalRunner(self.model, device, reuse_prefix)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.context_length = self._context_length()
+        self.eos_ids, self.stop_strings = self._stops()
+        self.gate = Gate(max_waiting)
+        self._lock = threading.Lock()  # one generation at a time owns the model and its cache
+
+    @property
+    def name(self) -> str:
+        """The model's primary name."""
+        return self.config.name
+
+    @property
+    def supports_fim(self) -> bool:
+        """Whether a request's suffix is used for fill-in-the-middle."""
+        return self.config.fim is not None
+
+    def _context_length(self) -> int:
+        if self.config.context_length:
+            return self.config.context_length
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            value = getattr(self.model.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def _stops(self) -> tuple[frozenset[int], tuple[str, ...]]:
+        """End-of-sequence ids from the model and tokenizer, plus configured stops.
+
+        A configured stop that is a single special token becomes a stop id (its text
+        never reaches the output); anything else is matched as a string.
+        """
+        eos = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            eos.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        strings = []
+        special = set(self.tokenizer.all_special_tokens) | set(getattr(self.tokenizer, "added_tokens_encoder", {}))
+        for stop in self.config.stop:
+            if stop in special:
+                eos.add(self.tokenizer.convert_tokens_to_ids(stop))
+            else:
+                strings.append(stop)
+        return frozenset(eos), tuple(strings)
+
+    # -- prompts -------------------------------------------------------------
+
+    def encode(self, prompt: str, suffix: str | None = None) -> tuple[list[int], bool]:
+        """Token ids of the model prompt and whether fill-in-the-middle was used.
+
+        Models without FIM tokens complete from the prefix alone: Copilot sends a
+        suffix with every request, and a plain continuation beats an error.
+        """
+        fim = self.config.fim
+        if not suffix or fim is None:
+            return self.tokenizer(prompt)["input_ids"], False
+        piece = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        special = lambda token: [self.tokenizer.convert_tokens_to_ids(token)]  # noqa: E731
+        bos = [self.tokenizer.bos_token_id] if getattr(self.tokenizer, "add_bos_token", False) else []
+        if fim.order == "spm":
+            ids = special(fim.prefix) + special(fim.suffix) + piece(suffix) + special(fim.middle) + piece(prompt)
+        else:
+            ids = special(fim.prefix) + piece(prompt) + special(fim.suffix) + piece(suffix) + special(fim.middle)
+        return bos + ids, True
+
+    def prepare(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        suffix: str | None = None,
+        n: int = 1,
+        echo: bool = False,
+        request_id: str = "local",
+    ) -> Job:
+        """Tokenize and check a request against this model; raise InvalidRequestError if it cannot run."""
+        ids, used_fim = self.encode(prompt, suffix)
+        if not ids:
+            # Nothing to condition on: start from the beginning-of-sequence token.
+            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos_ids, default=0)
+            ids = [start]
+        if len(ids) + params.max_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.context_length} tokens, however you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in your prompt; {params.max_tokens} for the "
+                "completion). Please reduce your prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        bad = [token for token, _ in params.logit_bias if not 0 <= token < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias has token ids outside this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}",
+                param="logit_bias",
+            )
+        if suffix and not used_fim:
+            log.debug("[%s] model %s has no fill-in-the-middle tokens: suffix ignored", request_id, self.name)
+        return Job(request_id, prompt, tuple(ids), params, n, echo, used_fim)
+
+    # -- running -------------------------------------------------------------
+
+    def start(self, job: Job) -> "Generation":
+        """Admit a job (or raise ServerBusyError); iterate the result to run it."""
+        self.gate.enter()
+        return Generation(self, job)
+
+    def complete(self, job: Job, best_of: int | None = None) -> list[SequenceResult]:
+        """Run a job to the end; with ``best_of``, sample that many and keep the ``n`` most likely."""
+        wanted = job.n
+        if best_of and best_of > job.n:
+            job = dataclasses.replace(job, n=best_of)
+        generation = self.start(job)
+        try:
+            for _ in generation:
+                pass
+        finally:
+            generation.close()
+        results = generation.results()
+        if len(results) > wanted:
+            results = sorted(results, key=lambda r: r.mean_logprob, reverse=True)[:wanted]
+            for index, result in enumerate(results):
+                result.index = index
+        return results
+
+    def warmup(self, rounds: int = 2) -> None:
+        """Run short greedy completions so the first real request does not pay first-touch costs."""
+        for _ in range(rounds):
+            self.runner.forget()
+            self.complete(self.prepare("def hello():\n", SamplingParams(max_tokens=8, temperature=0.0),
+                                       request_id="warmup"))
+        self.runner.forget()
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as shown in logprobs."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token sequence, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def prompt_logprobs(self, job: Job) -> list[TokenLogprob]:
+        """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs``."""
+        ids = list(job.prompt_ids)
+        scores = self.runner.score(ids)
+        k = job.params.logprobs or 0
+        offsets = self._offsets(job)
+        entries = [TokenLogprob(self.token_text(ids[0]), None, (), offsets[0])]
+        for pos in range(1, len(ids)):
+            row = scores[pos - 1]
+            top = ()
+            if k:
+                values, top_ids = row.topk(k)
+                top = tuple((self.token_text(t), v) for t, v in zip(top_ids.tolist(), values.tolist()))
+            entries.append(TokenLogprob(self.token_text(ids[pos]), float(row[ids[pos]]), top, offsets[pos]))
+        return entries
+
+    def _offsets(self, job: Job) -> list[int]:
+        """Character offset of each prompt token in the prompt text."""
+        ids = list(job.prompt_ids)
+        return [len(self.decode(ids[:i])) for i in range(len(ids))]
+
+
+class Generation:
+    """One admitted job: iterate it for deltas; ``results()`` once it is exhausted; always ``close()``."""
+
+    def __init__(self, engine: Engine, job: Job):
+        self.engine = engine
+        self.job = job
+        self.sequences: list[SequenceState] = []
+        self.echo_logprobs: list[TokenLogprob] = []
+        self._closed = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Number of tokens in the model prompt."""
+        return len(self.job.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far over all sequences."""
+        return sum(seq.generated for seq in self.sequences)
+
+    def close(self) -> None:
+        """Release the request's place in the worker (safe to call twice)."""
+        if not self._closed:
+            self._closed = True
+            self.engine.gate.leave()
+
+    def results(self) -> list[SequenceResult]:
+        """Each sequence's whole text, finish reason and logprobs."""
+        prefix = self.job.prompt if self.job.echo else ""
+        return [seq.result(prefix, self.echo_logprobs) for seq in self.sequences]
+
+    def __iter__(self) -> Iterator[Delta]:
+        engine, job = self.engine, self.job
+        with engine._lock:
+            started = time.perf_counter()
+            if engine.debug:
+                log.info("[%s] model prompt (fim=%s): %r", job.request_id, job.used_fim,
+                         engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False))
+                log.info("[%s] prompt ids: %s", job.request_id, list(job.prompt_ids))
+            self.sequences = [self._sequence(i) for i in range(job.n)]
+            if job.echo:
+                yield from self._echo()
+            if job.params.max_tokens == 0:
+                for seq in self.sequences:
+                    seq.finish_reason = "length"
+                    yield Delta(seq.index, "", (), "length")
+                return
+            chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device)
+            first = None
+            try:
+                for deltas in generate(engine.runner, job.prompt_ids, chooser, self.sequences):
+                    first = first or time.perf_counter()
+                    yield from deltas
+            except Exception:
+                engine.runner.forget()
+                raise
+            finally:
+                self._log_timing(started, first)
+
+    def _sequence(self, index: int) -> SequenceState:
+        engine, job = self.engine, self.job
+        detok = IncrementalDetokenizer(engine.decode, job.prompt_ids)
+        stop = StopCondition(engine.eos_ids, job.params.max_tokens, engine.stop_strings + job.params.stop)
+        token_text = engine.token_text if job.params.logprobs is not None else None
+        # text_offset counts from the start of the prompt, as OpenAI's does.
+        return SequenceState(index, detok, stop, token_text, offset_base=len(job.prompt))
+
+    def _echo(self) -> Iterator[Delta]:
+        if self.job.params.logprobs is not None:
+            with torch.inference_mode():
+                self.echo_logprobs = self.engine.prompt_logprobs(self.job)
+        for seq in self.sequences:
+            yield Delta(seq.index, self.job.prompt, tuple(self.echo_logprobs))
+
+    def _log_timing(self, started: float, first: float | None) -> None:
+        end = time.perf_counter()
+        job, engine = self.job, self.engine
+        generated = self.completion_tokens
+        ttft = (first - started) if first else float("nan")
+        rate = (generated - len(self.sequences)) / (end - first) if first and end > first else float("nan")
+        log.info(
+            "[%s] %s: %d prompt tokens (%d reused), %d generated, first token %.0f ms, %.1f tok/s, total %.0f ms",
+            job.request_id, engine.name, len(job.prompt_ids), engine.runner.last_reused, generated,
+            ttft * 1000, rate, (end - started) * 1000,
+        )
+        if engine.debug:
+            for seq in self.sequences:
+                log.info(
+                    "[%s] sequence %d: finish_reason=%s after %d tokens, stops=%r, ids=%s, text=%r",
+                    job.request_id, seq.index, seq.finish_reason, seq.generated, seq.stop.stops,
+                    seq.token_ids, seq.text,
+                )

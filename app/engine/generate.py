@@ -1,0 +1,136 @@
+"""The decode loop: prefill the prompt, decode one token at a time for every live sequence."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .params import Delta
+from .sampling import TokenChooser
+from .text import SequenceState
+
+log = logging.getLogger(__name__)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens two id sequences share."""
+    size = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        size += 1
+    return size
+
+
+class CausalRunner:
+    """Runs a decoder-only model with a KV cache; reuses the previous prompt's prefix when it can.
+
+    Code completion requests arrive keystroke after keystroke with nearly the same
+    prompt, so keeping the last cache and cropping it to the shared prefix turns a
+    full prefill into a few tokens of work.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, reuse_prefix: bool = True):
+        self.model = model
+        self.device = device
+        self.reuse_prefix = reuse_prefix
+        self.cache: DynamicCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose keys/values are in self.cache
+        self.single = False  # whether the cache still holds one sequence (so cached_ids is true)
+        self.last_reused = 0
+
+    def _forward(self, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits
+
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Feed the prompt; return logits for the next token [1, vocab]."""
+        reused = 0
+        if self.reuse_prefix and self.single and self.cache.is_croppable:
+            # At least one token must be fed to get logits for the next one.
+            reused = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
+        if reused > 0:
+            if len(self.cached_ids) > reused:
+                self.cache.crop(reused - len(self.cached_ids))
+        else:
+            self.cache = DynamicCache()
+        self.cached_ids = list(prompt_ids[:reused])
+        self.last_reused = reused
+        new = torch.tensor([prompt_ids[reused:]], device=self.device)
+        logits = self._forward(new, 1)[:, -1]
+        self.cached_ids.extend(prompt_ids[reused:])
+        self.single = True
+        return logits
+
+    def expand(self, n: int) -> None:
+        """Turn the batch-1 prompt cache into ``n`` sequences sharing that prompt."""
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+            self.single, self.cached_ids = False, []  # nothing to reuse next time
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences from the cache."""
+        self.cache.batch_select_indices(rows)
+        self.single, self.cached_ids = False, []
+
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per live sequence; return next-token logits [batch, vocab]."""
+        logits = self._forward(token_ids[:, None], 1)[:, -1]
+        if self.single:
+            self.cached_ids.append(int(token_ids[0]))
+        return logits
+
+    def score(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Log-probabilities of every prompt position's next token [len, vocab], without the cache."""
+        ids = torch.tensor([prompt_ids], device=self.device)
+        return self.model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(dim=-1)
+
+    def forget(self) -> None:
+        """Drop the cache (after an error, its contents are not known)."""
+        self.cache = None
+        self.single, self.cached_ids = False, []
+
+
+@torch.inference_mode()
+def generate(
+    runner: CausalRunner, prompt_ids: Sequence[int], chooser: TokenChooser, sequences: list[SequenceState]
+) -> Iterator[list[Delta]]:
+    """Yield the deltas of every live sequence after each decoding step until all have stopped."""
+    logits = runner.prefill(prompt_ids)
+    runner.expand(len(sequences))
+    logits = logits.expand(len(sequences), -1)
+    alive = list(range(len(sequences)))
+    while alive:
+        choice = chooser(logits)
+        deltas, keep = step_sequences(choice, [sequences[i] for i in alive])
+        yield deltas
+        if not keep:
+            return
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=runner.device)
+            runner.keep_rows(rows)
+            chooser.keep_rows(rows)
+            alive = [alive[k] for k in keep]
+            token_ids = choice.token_ids[rows]
+        else:
+            token_ids = choice.token_ids
+        logits = runner.decode(token_ids)
+
+
+def step_sequences(choice, live: list[SequenceState]) -> tuple[list[Delta], list[int]]:
+    """Push each chosen token into its sequence; return the deltas and the rows still running."""
+    token_ids = choice.token_ids.tolist()
+    logprobs = choice.logprobs.tolist()
+    tops = [()] * len(live)
+    if choice.top_ids is not None:
+        tops = [tuple(zip(i, lp)) for i, lp in zip(choice.top_ids.tolist(), choice.top_logprobs.tolist())]
+    deltas, keep = [], []
+    for row, seq in enumerate(live):
+        delta = seq.push(token_ids[row], logprobs[row], tops[row])
+        if delta is not None:
+            deltas.append(delta)
+        if not seq.finished:
+            keep.append(row)
+    return deltas, keep

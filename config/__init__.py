@@ -1,0 +1,213 @@
+"""Configuration: defaults in code, a TOML file for server and models, environment overrides.
+
+This is the only module that reads ``os.environ``; everything else receives a
+:class:`Settings` object.  Precedence, lowest first: the dataclass defaults below,
+the TOML file (``config/fauxpilot.toml`` or ``$FAUXPILOT_CONFIG``), then the
+``FAUXPILOT_*`` environment variables a sysadmin sets in a systemd unit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_FILE = Path(__file__).with_name("fauxpilot.toml")
+KINDS = ("causal", "seq2seq")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FIM_ORDERS = ("psm", "spm")
+
+
+class ConfigError(ValueError):
+    """A configuration file or environment value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class FimTemplate:
+    """Token strings that turn (prefix, suffix) into a fill-in-the-middle prompt."""
+
+    prefix: str
+    suffix: str
+    middle: str
+    order: str = "psm"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model, as written in the ``[[models]]`` table of the config file."""
+
+    name: str
+    source: str
+    aliases: tuple[str, ...] = ()
+    gguf_file: str | None = None
+    revision: str | None = None
+    kind: str = "causal"
+    dtype: str = "auto"
+    context_length: int | None = None
+    fim: FimTemplate | None = None
+    stop: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    max_tokens: int = 16
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a client may use for this model."""
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server, the workers and the engine are configured with."""
+
+    models: tuple[ModelConfig, ...]
+    bind: str = "0.0.0.0:5000"
+    workers: int = 1
+    threads: int = 4
+    timeout: int = 120
+    device: str = "auto"
+    torch_threads: int | None = None
+    cache_dir: Path = Path("~/.cache/fauxpilot-lite").expanduser()
+    api_keys: tuple[str, ...] = ()
+    debug: bool = False
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_waiting: int = 8
+    prefix_cache: bool = True
+
+    def replace(self, **changes: Any) -> "Settings":
+        """Return a copy with some settings changed (validated like the file)."""
+        return _validated(dataclasses.replace(self, **changes))
+
+
+def _as_tuple(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{what} must be a string or a list of strings, got {value!r}")
+
+
+def model_from_mapping(raw: Mapping[str, Any]) -> ModelConfig:
+    """Build a :class:`ModelConfig` from one ``[[models]]`` table."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(raw) - known
+    name = raw.get("name", "<unnamed>")
+    if unknown:
+        raise ConfigError(f"model {name!r}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+    for key in ("name", "source"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"model {name!r}: {key!r} is required and must be a non-empty string")
+    values = dict(raw)
+    values["aliases"] = _as_tuple(raw.get("aliases"), f"model {name!r}: aliases")
+    values["stop"] = _as_tuple(raw.get("stop"), f"model {name!r}: stop")
+    fim = raw.get("fim")
+    if fim is not None:
+        if not isinstance(fim, Mapping) or not {"prefix", "suffix", "middle"} <= set(fim):
+            raise ConfigError(f"model {name!r}: fim needs prefix, suffix and middle token strings")
+        values["fim"] = FimTemplate(**fim)
+    return ModelConfig(**values)
+
+
+def _validated(settings: Settings) -> Settings:
+    if not settings.models:
+        raise ConfigError("no models configured: add at least one [[models]] entry")
+    seen: dict[str, str] = {}
+    for model in settings.models:
+        if model.kind not in KINDS:
+            raise ConfigError(f"model {model.name!r}: kind must be one of {KINDS}, got {model.kind!r}")
+        if model.dtype not in DTYPES:
+            raise ConfigError(f"model {model.name!r}: dtype must be one of {DTYPES}, got {model.dtype!r}")
+        if model.fim is not None and model.fim.order not in FIM_ORDERS:
+            raise ConfigError(f"model {model.name!r}: fim.order must be one of {FIM_ORDERS}")
+        if model.max_tokens < 0:
+            raise ConfigError(f"model {model.name!r}: max_tokens must be >= 0")
+        for alias in model.names:
+            if alias in seen:
+                raise ConfigError(f"name {alias!r} is used by both {seen[alias]!r} and {model.name!r}")
+            seen[alias] = model.name
+    if settings.workers < 1 or settings.threads < 1:
+        raise ConfigError("workers and threads must be at least 1")
+    return settings
+
+
+def _env_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"expected a boolean, got {value!r}")
+
+
+def _env_int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"expected an integer, got {value!r}") from None
+
+
+# Environment variable -> (setting, parser).  FAUXPILOT_MODEL is handled apart.
+ENV_OVERRIDES = {
+    "FAUXPILOT_BIND": ("bind", str),
+    "FAUXPILOT_WORKERS": ("workers", _env_int),
+    "FAUXPILOT_THREADS": ("threads", _env_int),
+    "FAUXPILOT_TIMEOUT": ("timeout", _env_int),
+    "FAUXPILOT_DEVICE": ("device", str),
+    "FAUXPILOT_TORCH_THREADS": ("torch_threads", _env_int),
+    "FAUXPILOT_CACHE_DIR": ("cache_dir", lambda v: Path(v).expanduser()),
+    "FAUXPILOT_API_KEYS": ("api_keys", lambda v: tuple(k.strip() for k in v.split(",") if k.strip())),
+    "FAUXPILOT_DEBUG": ("debug", _env_bool),
+    "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
+    "FAUXPILOT_PREFIX_CACHE": ("prefix_cache", _env_bool),
+}
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
+    """Build validated settings from a parsed config file (``[server]`` and ``[[models]]``)."""
+    unknown_top = set(raw) - {"server", "models"}
+    if unknown_top:
+        raise ConfigError(f"unknown top-level tables {sorted(unknown_top)}: expected [server] and [[models]]")
+    server = dict(raw.get("server", {}))
+    known = {f.name for f in dataclasses.fields(Settings)} - {"models"}
+    unknown = set(server) - known
+    if unknown:
+        raise ConfigError(f"[server]: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+    if "cache_dir" in server:
+        server["cache_dir"] = Path(server["cache_dir"]).expanduser()
+    if "api_keys" in server:
+        server["api_keys"] = _as_tuple(server["api_keys"], "[server] api_keys")
+    models = tuple(model_from_mapping(m) for m in raw.get("models", ()))
+    return _validated(Settings(models=models, **server))
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the config file named by ``$FAUXPILOT_CONFIG`` (or the default) and apply env overrides."""
+    environ = os.environ if environ is None else environ
+    path = Path(environ.get("FAUXPILOT_CONFIG") or DEFAULT_CONFIG_FILE)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    settings = settings_from_mapping(raw)
+    changes: dict[str, Any] = {}
+    for var, (name, parse) in ENV_OVERRIDES.items():
+        if var in environ:
+            try:
+                changes[name] = parse(environ[var])
+            except ConfigError as exc:
+                raise ConfigError(f"{var}: {exc}") from None
+    if environ.get("FAUXPILOT_MODEL"):
+        # A sysadmin's one-line model switch: keep the first entry's names, change what it loads.
+        first = settings.models[0]
+        source = environ["FAUXPILOT_MODEL"]
+        gguf = None
+        if source.endswith(".gguf"):
+            source, gguf = str(Path(source).parent), Path(source).name
+        swapped = dataclasses.replace(first, source=source, gguf_file=gguf, fim=None, stop=())
+        changes["models"] = (swapped, *settings.models[1:])
+    return settings.replace(**changes) if changes else settings
