@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -43,17 +43,21 @@ class Gate:
         self.count = 0
         self._mutex = threading.Lock()
 
-    def enter(self) -> None:
-        """Admit a request or raise :class:`ServerBusyError`."""
+    def enter(self) -> Callable[[], None]:
+        """Admit a request or raise :class:`ServerBusyError`; return its (idempotent) release."""
         with self._mutex:
             if self.count >= self.limit:
                 raise ServerBusyError(f"this worker already has {self.count} requests in progress; retry shortly")
             self.count += 1
+        released = threading.Event()
 
-    def leave(self) -> None:
-        """Release a request admitted by :meth:`enter`."""
-        with self._mutex:
-            self.count -= 1
+        def release() -> None:
+            with self._mutex:
+                if not released.is_set():
+                    released.set()
+                    self.count -= 1
+
+        return release
 
 
 class Engine:
@@ -176,22 +180,14 @@ class Engine:
 
     # -- running -------------------------------------------------------------
 
-    def start(self, job: Job) -> "Generation":
-        """Admit a job (or raise ServerBusyError); iterate the result to run it."""
-        self.gate.enter()
-        return Generation(self, job)
-
     def complete(self, job: Job, best_of: int | None = None) -> list[SequenceResult]:
         """Run a job to the end; with ``best_of``, sample that many and keep the ``n`` most likely."""
         wanted = job.n
         if best_of and best_of > job.n:
             job = dataclasses.replace(job, n=best_of)
-        generation = self.start(job)
-        try:
-            for _ in generation:
-                pass
-        finally:
-            generation.close()
+        generation = Generation(self, job)
+        for _ in generation:
+            pass
         results = generation.results()
         if len(results) > wanted:
             results = sorted(results, key=lambda r: r.mean_logprob, reverse=True)[:wanted]
@@ -238,14 +234,13 @@ class Engine:
 
 
 class Generation:
-    """One admitted job: iterate it for deltas; ``results()`` once it is exhausted; always ``close()``."""
+    """One run of a job: iterate it for deltas (it holds the model meanwhile); ``results()`` after."""
 
     def __init__(self, engine: Engine, job: Job):
         self.engine = engine
         self.job = job
         self.sequences: list[SequenceState] = []
         self.echo_logprobs: list[TokenLogprob] = []
-        self._closed = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -256,12 +251,6 @@ class Generation:
     def completion_tokens(self) -> int:
         """Tokens generated so far over all sequences."""
         return sum(seq.generated for seq in self.sequences)
-
-    def close(self) -> None:
-        """Release the request's place in the worker (safe to call twice)."""
-        if not self._closed:
-            self._closed = True
-            self.engine.gate.leave()
 
     def results(self) -> list[SequenceResult]:
         """Each sequence's whole text, finish reason and logprobs."""

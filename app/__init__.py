@@ -1,0 +1,52 @@
+"""FauxPilot Lite: an OpenAI/Copilot-compatible code completion server for Hugging Face models."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+from flask import Flask, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from config import Settings, load_settings
+
+from .errors import APIError
+from .protocol import api_error_envelope, error_envelope
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iterable[Any] = ()) -> Flask:
+    """Assemble the app: settings (file + env, or given), the completions blueprint, one error handler.
+
+    ``config`` is either complete :class:`Settings` or overrides applied to the loaded
+    ones; ``engines`` are ready engines to serve instead of loading the configured models.
+    """
+    from .completions import bp
+    from .engine.registry import EngineRegistry
+
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = load_settings()
+        if config:
+            settings = settings.replace(**config)
+    app = Flask(__name__)
+    app.config.update(FAUXPILOT=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
+    app.json.sort_keys = False
+    app.extensions["fauxpilot"] = EngineRegistry(settings, engines)
+    app.register_blueprint(bp)
+    app.register_error_handler(Exception, handle_error)
+    return app
+
+
+def handle_error(exc: Exception):
+    """Every failure leaves as an OpenAI error envelope; only real faults are 5xx, never a traceback."""
+    if isinstance(exc, APIError):
+        return jsonify(api_error_envelope(exc)), exc.status
+    if isinstance(exc, HTTPException):
+        kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return jsonify(error_envelope(exc.description or exc.name, kind, None, code)), exc.code
+    request_id = g.get("request_id", "-")
+    log.exception("[%s] unhandled error", request_id)
+    return jsonify(error_envelope(f"The server had an error processing request {request_id}.", "server_error")), 500

@@ -1,0 +1,140 @@
+"""The completions blueprint: OpenAI/FauxPilot/Copilot endpoints over the worker's engines."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import closing
+from typing import Iterator
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from .engine import Engine, Generation, Job
+from .engine.registry import EngineRegistry
+from .errors import APIError, AuthenticationError, InvalidRequestError
+from .protocol import (
+    CompletionRequest,
+    api_error_envelope,
+    completion_response,
+    error_envelope,
+    model_list,
+    parse_completion_request,
+    sse_event,
+    stream_chunk,
+    usage_chunk,
+    usage_object,
+)
+
+log = logging.getLogger(__name__)
+bp = Blueprint("completions", __name__)
+
+# curl -d sends form-urlencoded by default; the body is still JSON, so accept it too.
+JSON_CONTENT_TYPES = ("", "application/json", "application/x-www-form-urlencoded")
+
+
+def get_engines() -> EngineRegistry:
+    """The worker's engine registry (set up by the application factory)."""
+    return current_app.extensions["fauxpilot"]
+
+
+@bp.before_request
+def _authenticate() -> None:
+    g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    keys = current_app.config["FAUXPILOT"].api_keys
+    if not keys or request.endpoint == "completions.health":
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in keys):
+        raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
+
+
+@bp.after_request
+def _tag(response: Response) -> Response:
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    return response
+
+
+@bp.get("/health")
+def health():
+    """Liveness: the worker answers; lists the served models."""
+    return jsonify(status="ok", models=[m.name for m in get_engines().models])
+
+
+@bp.get("/v1/models")
+@bp.get("/models")
+def list_models():
+    """The served models and their aliases (Copilot probes ``/models``)."""
+    return jsonify(model_list(get_engines().models, int(time.time())))
+
+
+def _json_body() -> object:
+    content_type = request.mimetype or ""
+    if content_type not in JSON_CONTENT_TYPES:
+        raise InvalidRequestError(f"Content-Type must be application/json, got {content_type!r}.",
+                                  code="unsupported_content_type")
+    try:
+        return json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("The request body is not valid JSON.", code="invalid_json") from None
+
+
+@bp.post("/v1/completions")
+@bp.post("/v1/engines/<path:engine>/completions")
+@bp.post("/v1/engines/<path:engine>/completion")
+def create_completion(engine: str | None = None):
+    """Complete one or more prompts, whole or as a server-sent event stream."""
+    req = parse_completion_request(_json_body())
+    model = get_engines().get(engine or req.model)
+    completion_id = f"cmpl-{g.request_id}"
+    params = req.sampling_params(model.config)
+    jobs = [model.prepare(prompt, params, suffix=req.suffix, n=req.n, echo=req.echo, request_id=g.request_id)
+            for prompt in req.prompts]
+    release = model.gate.enter()
+    if req.stream:
+        response = Response(_event_stream(model, jobs, req, completion_id), mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
+        response.call_on_close(release)
+        return response
+    try:
+        return jsonify(_whole_completion(model, jobs, req, completion_id))
+    finally:
+        release()
+
+
+def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str) -> dict:
+    choices, completion_tokens = [], 0
+    for number, job in enumerate(jobs):
+        for result in model.complete(job, best_of=req.best_of):
+            choices.append((number * req.n + result.index, result))
+            completion_tokens += result.completion_tokens
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+    return completion_response(completion_id, int(time.time()), model.name, choices,
+                               usage_object(prompt_tokens, completion_tokens), req.params.logprobs is not None)
+
+
+def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str) -> Iterator[str]:
+    created = int(time.time())
+    with_logprobs = req.params.logprobs is not None
+    prompt_tokens = completion_tokens = 0
+    try:
+        for number, job in enumerate(jobs):
+            generation = Generation(model, job)
+            with closing(iter(generation)) as deltas:
+                for delta in deltas:
+                    yield sse_event(stream_chunk(completion_id, created, model.name, number * req.n + delta.index,
+                                                 delta.text, delta.logprobs if with_logprobs else None,
+                                                 delta.finish_reason))
+            prompt_tokens += generation.prompt_tokens
+            completion_tokens += generation.completion_tokens
+        if req.include_usage:
+            yield sse_event(usage_chunk(completion_id, created, model.name,
+                                        usage_object(prompt_tokens, completion_tokens)))
+    except APIError as exc:
+        yield sse_event(api_error_envelope(exc))
+    except Exception:  # the status line is gone: report in-band, keep the worker serving
+        log.exception("[%s] stream failed", completion_id)
+        yield sse_event(error_envelope(f"internal server error (request {completion_id})", "server_error"))
+    yield sse_event("[DONE]")
