@@ -1,0 +1,48 @@
+"""gunicorn settings for FauxPilot Lite: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+
+Values come from config/fauxpilot.toml and FAUXPILOT_* environment variables;
+gunicorn's own command-line flags still override them.
+"""
+from config import load_settings
+
+_settings = load_settings()
+
+# Server socket
+bind = _settings.bind
+
+# Worker processes: each holds its own copy of the models; gthread lets one worker
+# keep several connections (queued requests, long streams) open at once.
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+# The models load after fork, in each worker: never touch CUDA in the master.
+preload_app = False
+
+# Timeouts: `timeout` is how long a worker may stop heart-beating (gthread keeps
+# beating while streams run); keepalive suits editors that send request after request.
+timeout = _settings.timeout
+graceful_timeout = 30
+keepalive = 75
+
+# Logging
+accesslog = "-"
+errorlog = "-"
+loglevel = "debug" if _settings.debug else "info"
+
+
+# Server hooks
+
+def pre_fork(server, worker):
+    """Give the new worker the lowest slot no live worker holds (stable across restarts)."""
+    from app.workers import free_slot
+
+    worker.slot = free_slot(w.slot for w in server.WORKERS.values())
+
+
+def post_fork(server, worker):
+    """Load the configured models onto this worker's GPU (or the CPU) before it serves."""
+    from app.workers import prepare_worker
+    from wsgi import app
+
+    server.log.info("worker %s takes slot %d", worker.pid, worker.slot)
+    prepare_worker(app, worker.slot, worker.tmp.notify)

@@ -1,0 +1,163 @@
+"""End to end: real gunicorn, the real default model (SmolLM2 from its pip package), the openai SDK."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COPILOT_BODY = {
+    "prompt": "# Path: fibonacci.py\ndef fibonacci(n):\n", "suffix": "print(fibonacci(10))\n",
+    "max_tokens": 500, "temperature": 0, "top_p": 1, "n": 1,
+    "stop": ["\ndef ", "\nclass ", "\nif ", "\n\n#"], "stream": True,
+    "extra": {"language": "python", "next_indent": 0, "trim_by_indentation": True,
+              "prompt_tokens": 11, "suffix_tokens": 6},
+    "code_annotations": False,
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A gunicorn process started from the project's gunicorn.conf.py."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]):
+        self.port = _free_port()
+        self.log_path = tmp_path / "gunicorn.log"
+        environ = {**os.environ, "FAUXPILOT_BIND": f"127.0.0.1:{self.port}", **env}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read().decode()
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"gunicorn exited:\n{self.log_path.read_text()}"
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.log_path.read_text()}")
+
+    def worker_pids(self) -> set[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return {int(pid) for pid in out.split()}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """gunicorn on the default configuration, converting the GGUF into a fresh cache folder."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    srv = Server(tmp, {"FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    """The official openai client pointed at the server."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="not-needed", max_retries=0)
+
+
+def test_default_model_converted_and_listed(server, sdk):
+    """The GGUF was converted to safetensors once, and /v1/models names SmolLM2 and its aliases."""
+    log = server.log_path.read_text()
+    assert "converting" in log and "SmolLM2-135M-Instruct" in log
+    ids = [m.id for m in sdk.models.list().data]
+    assert ids == ["smollm2-135m"]
+
+
+def test_sdk_completion_is_sensible(sdk):
+    """completions.create returns code that continues the prompt."""
+    result = sdk.completions.create(model="codegen", prompt="def fibonacci(n):\n    if n < 2:\n",
+                                    max_tokens=48, temperature=0)
+    choice = result.choices[0]
+    assert result.object == "text_completion" and result.id.startswith("cmpl-")
+    assert choice.finish_reason in ("stop", "length")
+    assert "return" in choice.text, choice.text
+    assert result.usage.completion_tokens <= 48 and result.usage.prompt_tokens > 5
+
+
+def test_sdk_stream_matches_whole(sdk):
+    """Streaming through the SDK yields many chunks whose text equals the non-streamed text."""
+    kwargs = dict(model="codegen", prompt="import os\n\ndef list_files(path):\n", max_tokens=32, temperature=0)
+    whole = sdk.completions.create(**kwargs).choices[0].text
+    chunks = list(sdk.completions.create(stream=True, **kwargs))
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_bad_request_is_400(sdk):
+    """An out-of-range field becomes openai.BadRequestError carrying the envelope."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model="codegen", prompt="x", temperature=5)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == "temperature"
+
+
+def test_copilot_request(server):
+    """Copilot's exact request (suffix, stop list, extra fields, no model) streams a completion."""
+    headers = {"Authorization": "Bearer tid=abc;exp=1;sku=free;proxy-ep=x", "OpenAI-Intent": "copilot-ghost",
+               "X-Request-Id": "5d7c1c4e-0000-4000-8000-000000000001", "X-Copilot-Async": "true"}
+    status, content_type, body = server.request("POST", "/v1/engines/codegen/completions", COPILOT_BODY, headers)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    events = [line[len("data: "):] for line in body.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text.strip() and not any(stop in text for stop in COPILOT_BODY["stop"])
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_killed_worker_is_replaced_on_the_same_slot(server, sdk):
+    """gunicorn replaces a killed worker; the replacement takes slot 0 again and serves."""
+    (old,) = server.worker_pids()
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.worker_pids() in (set(), {old}):
+        time.sleep(0.2)
+    server.wait_ready()
+    result = sdk.completions.create(model="codegen", prompt="def add(a, b):\n", max_tokens=8, temperature=0)
+    assert result.choices[0].text
+    slots = [line for line in server.log_path.read_text().splitlines() if "takes slot" in line]
+    assert len(slots) == 2 and all(line.endswith("takes slot 0") for line in slots)
