@@ -161,3 +161,18 @@ def test_killed_worker_is_replaced_on_the_same_slot(server, sdk):
     assert result.choices[0].text
     slots = [line for line in server.log_path.read_text().splitlines() if "takes slot" in line]
     assert len(slots) == 2 and all(line.endswith("takes slot 0") for line in slots)
+
+
+def test_seed_request_json_as_curl_sends_it(server):
+    """The seed's request.json, posted the way `curl -d @request.json` does, gets a completion."""
+    body = (ROOT / "tests" / "data" / "request.json").read_text()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/engines/codegen2/completions", body=body,
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    result = json.loads(response.read())
+    assert response.status == 200, result
+    choice = result["choices"][0]
+    assert choice["text"] and "\n" not in choice["text"]  # stop ["\n"] honoured
+    assert choice["finish_reason"] in ("stop", "length")
+    assert result["usage"]["prompt_tokens"] == 11
