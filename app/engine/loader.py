@@ -73,13 +73,22 @@ def pick_device(setting: str, slot: int = 0) -> torch.device:
     return torch.device(setting)
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where it decodes ~2x faster."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype: ``auto`` is bfloat16 (or float16) on GPUs and float32 on CPUs."""
+    """The weights' dtype: ``auto`` is bfloat16 on GPUs and bf16-capable CPUs, else float16/float32."""
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 @contextmanager

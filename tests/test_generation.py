@@ -1,0 +1,233 @@
+"""End-to-end generation with the tiny random-weights Llama: determinism, streaming, caching, options."""
+from __future__ import annotations
+
+import pytest
+
+from app.engine import Generation, SamplingParams, complete
+from app.errors import InvalidRequestError
+from tests.tiny_models import FIM_TOKENS
+
+PROMPT = "x = 1"  # greedy continues it with varied tokens
+REPETITIVE = "def fibonacci(n):\n"  # greedy repeats "\n" forever
+
+
+def greedy(max_tokens: int = 24, **settings) -> SamplingParams:
+    """Greedy sampling parameters."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **settings)
+
+
+def sampled(seed: int, max_tokens: int = 10, **settings) -> SamplingParams:
+    """Seeded sampling parameters at temperature 1."""
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, **settings)
+
+
+def test_greedy_is_deterministic(engine):
+    """Greedy completions of the same prompt are identical, cold or warm."""
+    engine.runner.forget()
+    first = complete(engine, PROMPT, params=greedy())
+    second = complete(engine, PROMPT, params=greedy())
+    assert len(first) == 1 and first[0].text
+    assert first[0].text == second[0].text
+    assert first[0].completion_tokens == 24 and first[0].finish_reason == "length"
+
+
+def test_stream_deltas_add_up_to_the_completion(engine):
+    """Concatenated streamed deltas equal the non-streamed text, and only the last has a reason."""
+    job = engine.prepare(PROMPT, greedy())
+    deltas = list(Generation(engine, job))
+    assert all(d.index == 0 for d in deltas)
+    assert "".join(d.text for d in deltas) == engine.complete(job)[0].text
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+
+
+def test_stream_with_stop_and_n_matches_results(engine):
+    """Per-index streamed text equals each sequence's result when stops and n > 1 are involved."""
+    job = engine.prepare(PROMPT, sampled(seed=11, max_tokens=16, stop=("e",)), n=3)
+    generation = Generation(engine, job)
+    streamed = {i: "" for i in range(3)}
+    for delta in generation:
+        streamed[delta.index] += delta.text
+    results = generation.results()
+    assert [r.index for r in results] == [0, 1, 2]
+    assert [streamed[i] for i in range(3)] == [r.text for r in results]
+    assert all("e" not in r.text for r in results)
+
+
+def test_prefix_cache_gives_same_output_as_cold_run(engine):
+    """A warm run reusing a cached prefix produces the same greedy text and logprobs as a cold run."""
+    engine.runner.forget()
+    complete(engine, "class Greeter:\n    def", params=greedy(8))
+    prompt = "class Greeter:\n    def greet(self):\n        return"
+    warm = complete(engine, prompt, params=greedy())[0]
+    assert engine.runner.last_reused > 0
+    engine.runner.forget()
+    cold = complete(engine, prompt, params=greedy())[0]
+    assert engine.runner.last_reused == 0
+    assert warm.text == cold.text
+    assert warm.cumulative_logprob == pytest.approx(cold.cumulative_logprob, abs=1e-3)
+
+
+def test_prefix_cache_shorter_prompt(engine):
+    """A prompt that is a prefix of the cached one (cache cropped) still matches a cold run."""
+    long_prompt = "class Greeter:\n    def greet(self):\n        return"
+    complete(engine, long_prompt, params=greedy(4))
+    warm = complete(engine, "class Greeter:\n", params=greedy())[0]
+    assert engine.runner.last_reused > 0
+    engine.runner.forget()
+    cold = complete(engine, "class Greeter:\n", params=greedy())[0]
+    assert warm.text == cold.text
+
+
+def test_n_with_seed_is_reproducible(engine):
+    """n=3 gives three sequences; the same seed repeats them, another seed changes them."""
+    first = complete(engine, PROMPT, params=sampled(seed=7), n=3)
+    assert [r.index for r in first] == [0, 1, 2]
+    assert len({r.text for r in first}) > 1  # the sequences were sampled independently
+    again = complete(engine, PROMPT, params=sampled(seed=7), n=3)
+    assert [r.text for r in again] == [r.text for r in first]
+    other = complete(engine, PROMPT, params=sampled(seed=8), n=3)
+    assert [r.text for r in other] != [r.text for r in first]
+
+
+def test_best_of_keeps_the_most_likely(engine):
+    """best_of=4, n=2 returns the 2 of the 4 same-seed samples with the highest mean logprob."""
+    params = sampled(seed=3)
+    best = engine.complete(engine.prepare(PROMPT, params, n=2), best_of=4)
+    assert [r.index for r in best] == [0, 1]
+    assert best[0].mean_logprob >= best[1].mean_logprob
+    all_four = complete(engine, PROMPT, params=params, n=4)
+    assert len(all_four) == 4
+    ranked = sorted(all_four, key=lambda r: r.mean_logprob, reverse=True)
+    assert [r.text for r in best] == [r.text for r in ranked[:2]]
+    assert [r.mean_logprob for r in best] == pytest.approx([r.mean_logprob for r in ranked[:2]])
+    assert min(r.mean_logprob for r in best) >= max(r.mean_logprob for r in ranked[2:])
+
+
+def test_stop_string_spanning_tokens_cuts_before_first_occurrence(engine):
+    """A stop made of the end of one generated token and the start of the next cuts the text there."""
+    full = complete(engine, PROMPT, params=greedy(logprobs=0))[0]
+    tokens = [e.token for e in full.logprobs]
+    assert "".join(tokens) == full.text
+    # a boundary after the first few tokens between two printable tokens of two or more characters
+    boundary = next(i for i in range(2, len(tokens) - 1)
+                    if len(tokens[i]) >= 2 and len(tokens[i + 1]) >= 2
+                    and (tokens[i] + tokens[i + 1]).isprintable())
+    stop = tokens[boundary][-2:] + tokens[boundary + 1][:2]
+    first = full.text.index(stop)
+    assert first > 0
+    result = complete(engine, PROMPT, params=greedy(stop=(stop,)))[0]
+    assert result.text == full.text[:first]
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens < full.completion_tokens
+
+
+def test_max_tokens_zero(engine):
+    """max_tokens=0 returns empty text with finish_reason "length" and generates nothing."""
+    result = complete(engine, PROMPT, params=greedy(0))
+    assert [(r.text, r.finish_reason, r.completion_tokens) for r in result] == [("", "length", 0)]
+
+
+def test_echo_prepends_prompt_with_prompt_logprobs(engine):
+    """echo puts the prompt in front; its first token has no logprob and offsets start at 0."""
+    plain = complete(engine, PROMPT, params=greedy(8))[0]
+    job = engine.prepare(PROMPT, greedy(8, logprobs=2), echo=True)
+    result = engine.complete(job)[0]
+    assert result.text == PROMPT + plain.text
+    prompt_len = len(job.prompt_ids)
+    assert len(result.logprobs) == prompt_len + 8
+    first = result.logprobs[0]
+    assert first.logprob is None and first.offset == 0 and first.top == ()
+    assert [e.offset for e in result.logprobs[:prompt_len]] == \
+        [len(engine.decode(job.prompt_ids[:i])) for i in range(prompt_len)]
+    assert result.logprobs[prompt_len].offset == len(PROMPT)
+    for entry in result.logprobs:
+        assert result.text[entry.offset:].startswith(entry.token)
+    for entry in result.logprobs[1:prompt_len]:
+        assert entry.logprob is not None and entry.logprob < 0
+        assert len(entry.top) == 2 and entry.logprob <= entry.top[0][1]
+
+
+def test_logprobs_k_alternatives(engine):
+    """logprobs=k reports k sorted alternatives per generated token; greedy's pick is the top one."""
+    result = complete(engine, PROMPT, params=greedy(8, logprobs=3))[0]
+    assert len(result.logprobs) == 8
+    for entry in result.logprobs:
+        assert len(entry.top) == 3
+        values = [lp for _, lp in entry.top]
+        assert values == sorted(values, reverse=True)
+        assert entry.top[0] == (entry.token, pytest.approx(entry.logprob))
+    assert result.cumulative_logprob == pytest.approx(sum(e.logprob for e in result.logprobs), abs=1e-4)
+
+
+def test_logprobs_none_reports_nothing(engine):
+    """Without logprobs no entries are collected."""
+    assert complete(engine, PROMPT, params=greedy(4))[0].logprobs == []
+
+
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+def test_penalties_break_repetition(engine, penalty):
+    """A 2.0 presence or frequency penalty changes the tiny model's endless "\\n" output."""
+    base = complete(engine, REPETITIVE, params=greedy(16))[0].text
+    assert base == "\n" * 16
+    penalised = complete(engine, REPETITIVE, params=greedy(16, **{penalty: 2.0}))[0].text
+    assert penalised != base
+    assert penalised.count("\n") < 8
+
+
+def test_logit_bias_forces_a_token(engine):
+    """A +100 logit bias makes greedy repeat that token."""
+    token_id = engine.tokenizer("x")["input_ids"][0]
+    result = complete(engine, PROMPT, params=greedy(5, logit_bias=((token_id, 100.0),)))[0]
+    assert result.text == "x" * 5
+
+
+def test_prepare_rejects_context_overflow(engine):
+    """prompt + max_tokens past the 256-token context is a context_length_exceeded error."""
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    engine.prepare(PROMPT, greedy(256 - len(ids)))  # exactly fits
+    with pytest.raises(InvalidRequestError) as info:
+        engine.prepare(PROMPT, greedy(257 - len(ids)))
+    assert info.value.param == "max_tokens"
+    assert info.value.code == "context_length_exceeded"
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("bad_id", [600, -1, 10_000])
+def test_prepare_rejects_out_of_vocabulary_bias(engine, bad_id):
+    """logit_bias ids outside the vocabulary are rejected with param "logit_bias"."""
+    assert engine.vocab_size == 600
+    with pytest.raises(InvalidRequestError) as info:
+        engine.prepare(PROMPT, greedy(logit_bias=((5, 1.0), (bad_id, 1.0))))
+    assert info.value.param == "logit_bias"
+
+
+def test_suffix_ignored_without_fim(engine):
+    """A plain model completes from the prefix alone: suffix ignored, same ids as without it."""
+    job = engine.prepare("def f(", greedy(), suffix="):\n    pass\n")
+    assert job.used_fim is False
+    assert list(job.prompt_ids) == engine.tokenizer("def f(")["input_ids"]
+
+
+def test_fim_prompt_layout(engines):
+    """With FIM tokens the prompt is <prefix> prefix <suffix> suffix <middle>, token by token."""
+    fim = engines["tiny-fim"]
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    job = fim.prepare(prefix, greedy(), suffix=suffix)
+    assert job.used_fim is True
+    pre, suf, mid = (fim.tokenizer.convert_tokens_to_ids(t) for t in FIM_TOKENS)
+    piece = lambda text: fim.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = [pre, *piece(prefix), suf, *piece(suffix), mid]
+    assert len(job.prompt_ids) == len(expected)
+    for position, (got, want) in enumerate(zip(job.prompt_ids, expected)):
+        assert got == want, f"token {position}: {got} != {want}"
+    assert len({pre, suf, mid}) == 3 and all(i not in piece(prefix + suffix) for i in (pre, suf, mid))
+    result = fim.complete(job)[0]
+    assert result.completion_tokens == 24 or result.finish_reason == "stop"
+
+
+def test_fim_engine_without_suffix_is_plain(engines):
+    """The FIM model with no suffix encodes the prompt plainly."""
+    fim = engines["tiny-fim"]
+    job = fim.prepare("def f(", greedy())
+    assert job.used_fim is False
+    assert list(job.prompt_ids) == fim.tokenizer("def f(")["input_ids"]

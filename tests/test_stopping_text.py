@@ -1,0 +1,246 @@
+"""Stop strings, incremental detokenization and per-sequence text state, with the tiny tokenizer."""
+from __future__ import annotations
+
+import pytest
+
+from app.engine.params import Delta
+from app.engine.stopping import StopCondition, find_stop, held_back
+from app.engine.text import IncrementalDetokenizer, SequenceState
+
+EOS = 0  # <|endoftext|> in the tiny tokenizer
+
+# -- find_stop / held_back ------------------------------------------------------
+
+
+def test_find_stop_returns_earliest_of_several():
+    """The earliest occurrence of any stop string wins, whichever is listed first."""
+    assert find_stop("abc\n\ndef", ("def", "\n\n")) == 3
+    assert find_stop("abc\n\ndef", ("\n\n", "c")) == 2
+    assert find_stop("abcabc", ("c", "b")) == 1
+
+
+def test_find_stop_from_start():
+    """``start`` skips earlier occurrences but still returns an index into the whole text."""
+    assert find_stop("abcabc", ("c", "b"), start=2) == 2
+    assert find_stop("abcabc", ("b",), start=2) == 4
+    assert find_stop("abcabc", ("a",), start=4) is None
+
+
+def test_find_stop_none():
+    """No stops, absent stops and empty stop strings find nothing."""
+    assert find_stop("abc", ()) is None
+    assert find_stop("abc", ("x", "abcd")) is None
+    assert find_stop("abc", ("",)) is None
+
+
+@pytest.mark.parametrize(
+    "text, stops, held",
+    [
+        ("abc\n", ("\n\n",), 1),
+        ("abc", (), 0),
+        ("abc\n", (), 0),
+        ("abc", ("\n\n",), 0),
+        ("x</s", ("</s>", "s>"), 3),  # longest partial wins ...
+        ("x</s", ("s>", "</s>"), 3),  # ... whatever the order
+        ("<", ("<|end|>",), 1),  # text shorter than the stop
+        ("ab", ("b",), 0),  # a one-character stop is never partial
+        ("abab", ("abac",), 2),
+    ],
+)
+def test_held_back(text, stops, held):
+    """held_back is the longest tail of the text that is a proper prefix of some stop."""
+    assert held_back(text, stops) == held
+
+
+# -- StopCondition --------------------------------------------------------------
+
+
+def test_stop_condition_reasons():
+    """eos ids and stop strings give "stop", max_tokens gives "length", anything else continues."""
+    cond = StopCondition(frozenset({EOS, 7}), max_tokens=5, stops=("\n\n",))
+    assert cond(EOS, 1, "abc") == (True, "stop")
+    assert cond(7, 1, "abc") == (True, "stop")
+    assert cond(42, 2, "a\n\nb") == (True, "stop")
+    assert cond(42, 5, "abc") == (True, "length")
+    assert cond(42, 2, "abc\n") == (False, None)
+
+
+def test_stop_condition_priorities_and_start():
+    """A stop at the last allowed token is "stop"; stops before ``start`` are not searched."""
+    cond = StopCondition(frozenset({EOS}), max_tokens=3, stops=("\n\n",))
+    assert cond(EOS, 3, "abc") == (True, "stop")
+    assert cond(42, 3, "a\n\n") == (True, "stop")
+    assert cond(42, 2, "a\n\nbc", start=3) == (False, None)
+
+
+# -- IncrementalDetokenizer -----------------------------------------------------
+
+MULTIBYTE = "héllo wörld ☃ 🙂 日本語"
+
+
+def test_tokenizer_splits_characters_across_tokens(engine):
+    """Precondition: the tiny tokenizer spreads some character's bytes over several tokens."""
+    ids = engine.tokenizer(MULTIBYTE)["input_ids"]
+    assert any("\ufffd" in engine.decode([i]) for i in ids)
+    assert engine.decode(ids) == MULTIBYTE
+
+
+@pytest.mark.parametrize("context", ["", "print('x')\n", "s = '☃"])
+def test_detokenizer_emits_whole_characters(engine, context):
+    """Token-by-token deltas never hold half a character and add up to exactly the text."""
+    context_ids = engine.tokenizer(context)["input_ids"] if context else []
+    detok = IncrementalDetokenizer(engine.decode, context_ids)
+    deltas = [detok.add(i) for i in engine.tokenizer(MULTIBYTE)["input_ids"]]
+    deltas.append(detok.flush())
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == MULTIBYTE
+    assert "" in deltas[:-1]  # some token only completed part of a character
+
+
+def test_detokenizer_flush_releases_incomplete_bytes(engine):
+    """flush() gives out what is still waiting when no more tokens will come."""
+    ids = engine.tokenizer("aé")["input_ids"]
+    detok = IncrementalDetokenizer(engine.decode)
+    assert [detok.add(i) for i in ids[:-1]] == ["a", ""]  # é's first byte alone is not sent
+    assert detok.flush() == "\ufffd"
+
+
+# -- SequenceState --------------------------------------------------------------
+
+
+def make_state(engine, stops=(), max_tokens=100, token_text=None, offset_base=0) -> SequenceState:
+    """A SequenceState over the tiny tokenizer."""
+    detok = IncrementalDetokenizer(engine.decode)
+    return SequenceState(0, detok, StopCondition(engine.eos_ids, max_tokens, tuple(stops)), token_text, offset_base)
+
+
+def feed(state: SequenceState, ids) -> list[Delta]:
+    """Push ids until the sequence finishes; return the deltas it produced."""
+    deltas = []
+    for step, token_id in enumerate(ids):
+        delta = state.push(token_id, -0.1 * (step + 1), ((token_id, -0.05),))
+        if delta is not None:
+            deltas.append(delta)
+        if state.finished:
+            break
+    return deltas
+
+
+def ids_of(engine, *pieces: str) -> list[int]:
+    """Token ids of each piece encoded apart, concatenated (so tokens break between pieces)."""
+    return [i for piece in pieces for i in engine.tokenizer(piece)["input_ids"]]
+
+
+def test_stop_spanning_two_tokens_is_never_emitted(engine):
+    """A "\\n\\n" stop made of two "\\n" tokens never leaks, and the text is cut before it."""
+    ids = ids_of(engine, "x = 1\n", "\ny = 2\n")
+    assert [engine.decode([i]) for i in ids[3:5]] == ["\n", "\n"]
+    state = make_state(engine, stops=("\n\n",))
+    deltas = feed(state, ids)
+    assert not any("\n" in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == "x = 1"
+    assert state.text == "x = 1"
+    assert state.finish_reason == "stop" and deltas[-1].finish_reason == "stop"
+    assert state.generated == 5  # stopped at the second "\n"
+    assert state.result().text == "x = 1"
+
+
+def test_stop_arriving_over_several_pushes(engine):
+    """A multi-token stop is held back piece by piece and cut when it completes."""
+    ids = ids_of(engine, "x = 1\ny", " = 2\n", "z")
+    state = make_state(engine, stops=(" = 2\n",))
+    deltas = feed(state, ids)
+    for delta in deltas:
+        assert not any(delta.text.endswith(" = 2\n"[:k]) for k in range(1, 6)), delta
+    assert "".join(d.text for d in deltas) == "x = 1\ny"
+    assert state.text == "x = 1\ny" and state.finish_reason == "stop"
+
+
+def test_stop_inside_one_token_cuts_the_token(engine):
+    """A stop in the middle of a single token's text cuts that token's text too."""
+    ids = ids_of(engine, "return n\n\n\nclass")
+    assert "\n\n" in [engine.decode([i]) for i in ids]
+    state = make_state(engine, stops=("\n\n",))
+    deltas = feed(state, ids)
+    assert "".join(d.text for d in deltas) == "return n"
+    assert state.finish_reason == "stop"
+
+
+def test_held_back_text_that_is_no_stop_is_emitted_later(engine):
+    """A held "\\n" is sent with the next token once it cannot become "\\n\\n"."""
+    text = "x = 1\ny = 2"
+    ids = ids_of(engine, text)
+    state = make_state(engine, stops=("\n\n",), max_tokens=len(ids))
+    deltas = []
+    for token_id in ids:
+        delta = state.push(token_id, -0.1)
+        deltas.append(delta)
+        if engine.decode([token_id]) == "\n":
+            assert delta is None or "\n" not in delta.text  # held back for now
+    assert "".join(d.text for d in deltas if d is not None) == text
+    assert state.finish_reason == "length"
+
+
+def test_max_tokens_gives_length(engine):
+    """The sequence ends after max_tokens tokens with finish_reason "length"."""
+    ids = ids_of(engine, "x = 1\ny = 2")
+    state = make_state(engine, max_tokens=3)
+    deltas = feed(state, ids)
+    assert state.generated == 3
+    assert state.text == engine.decode(ids[:3])
+    assert state.finish_reason == "length" and deltas[-1].finish_reason == "length"
+
+
+def test_max_tokens_flushes_partial_stop(engine):
+    """Text held back as a possible stop is released when the length limit ends the sequence."""
+    ids = ids_of(engine, "x = 1\n")
+    state = make_state(engine, stops=("\n\n",), max_tokens=len(ids))
+    deltas = feed(state, ids)
+    assert "".join(d.text for d in deltas) == "x = 1\n"
+    assert state.finish_reason == "length"
+
+
+def test_eos_gives_stop_without_its_text(engine):
+    """An eos id ends the sequence with "stop"; no eos text enters the output."""
+    ids = ids_of(engine, "x = 1") + [EOS] + ids_of(engine, "y")
+    state = make_state(engine)
+    deltas = feed(state, ids)
+    assert state.generated == 4  # "x", " =", " 1", eos
+    assert state.text == "x = 1"
+    assert "".join(d.text for d in deltas) == "x = 1"
+    assert state.finish_reason == "stop"
+    result = state.result(prefix="P:")
+    assert result.text == "P:x = 1" and result.completion_tokens == 4
+
+
+def test_logprob_offsets_follow_token_text(engine):
+    """Each logprob entry's offset is offset_base plus where its token's text starts."""
+    text = "x = 1\ny = 2"
+    ids = ids_of(engine, text)
+    base = 100
+    state = make_state(engine, max_tokens=len(ids), token_text=engine.token_text, offset_base=base)
+    deltas = feed(state, ids)
+    entries = state.logprobs
+    assert [e.token for e in entries] == [engine.token_text(i) for i in ids]
+    assert "".join(e.token for e in entries) == text
+    position = 0
+    for entry in entries:
+        assert entry.offset == base + position
+        assert text[entry.offset - base:].startswith(entry.token)
+        position += len(entry.token)
+    assert [e for d in deltas for e in d.logprobs] == entries  # every entry is streamed once
+    assert entries[0].top == ((engine.token_text(ids[0]), -0.05),)
+    assert state.result().logprobs == entries
+
+
+def test_logprob_entries_after_stop_cut_are_dropped(engine):
+    """Tokens that start at or after a stop's cut lose their logprob entries."""
+    text = "x = 1\ny = 2\nz"
+    ids = ids_of(engine, text)
+    state = make_state(engine, stops=(" = 2",), token_text=engine.token_text, offset_base=10)
+    deltas = feed(state, ids)
+    assert state.text == "x = 1\ny"
+    kept = [e.token for e in state.logprobs]
+    assert kept == ["x", " =", " 1", "\n", "y"]  # " =" and " 2" of the stop are dropped
+    assert all(e.offset - 10 < len(state.text) for e in state.logprobs)
+    assert [e for d in deltas for e in d.logprobs] == state.logprobs
