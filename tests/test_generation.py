@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from app.engine import Generation, SamplingParams, complete
 from app.errors import InvalidRequestError
@@ -28,7 +29,20 @@ def test_greedy_is_deterministic(engine):
     second = complete(engine, PROMPT, params=greedy())
     assert len(first) == 1 and first[0].text
     assert first[0].text == second[0].text
-    assert first[0].completion_tokens == 24 and first[0].finish_reason == "length"
+    assert first[0].cumulative_logprob == pytest.approx(second[0].cumulative_logprob, abs=1e-4)
+    assert first[0].completion_tokens == 24 or first[0].finish_reason == "stop"
+
+
+def test_cached_decode_matches_full_recompute(engine):
+    """The KV-cached decode loop picks the same greedy tokens as re-running the whole sequence."""
+    prompt_ids = engine.tokenizer(PROMPT)["input_ids"]
+    result = complete(engine, PROMPT, params=greedy(10))[0]
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(result.completion_tokens):
+            logits = engine.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    assert result.text == engine.decode(ids[len(prompt_ids):])
 
 
 def test_stream_deltas_add_up_to_the_completion(engine):
@@ -37,7 +51,8 @@ def test_stream_deltas_add_up_to_the_completion(engine):
     deltas = list(Generation(engine, job))
     assert all(d.index == 0 for d in deltas)
     assert "".join(d.text for d in deltas) == engine.complete(job)[0].text
-    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[-1].finish_reason in ("length", "stop")
 
 
 def test_stream_with_stop_and_n_matches_results(engine):
@@ -103,18 +118,25 @@ def test_best_of_keeps_the_most_likely(engine):
     assert min(r.mean_logprob for r in best) >= max(r.mean_logprob for r in ranked[2:])
 
 
+def spanning_stop(text: str, starts: list[int]) -> tuple[str, int]:
+    """A stop string made of the end of one token and the start of the next, first found there."""
+    bounds = [*starts, len(text)]
+    for i in range(1, len(starts) - 1):
+        left, right = text[bounds[i]:bounds[i + 1]], text[bounds[i + 1]:bounds[i + 2]]
+        if left and right and (left + right).isprintable():
+            stop = left[-2:] + right[:2]
+            if text.index(stop) == bounds[i + 1] - len(left[-2:]):
+                return stop, bounds[i + 1]
+    pytest.fail(f"no printable token boundary in {text!r}")
+
+
 def test_stop_string_spanning_tokens_cuts_before_first_occurrence(engine):
     """A stop made of the end of one generated token and the start of the next cuts the text there."""
     full = complete(engine, PROMPT, params=greedy(logprobs=0))[0]
-    tokens = [e.token for e in full.logprobs]
-    assert "".join(tokens) == full.text
-    # a boundary after the first few tokens between two printable tokens of two or more characters
-    boundary = next(i for i in range(2, len(tokens) - 1)
-                    if len(tokens[i]) >= 2 and len(tokens[i + 1]) >= 2
-                    and (tokens[i] + tokens[i + 1]).isprintable())
-    stop = tokens[boundary][-2:] + tokens[boundary + 1][:2]
+    starts = [e.offset - len(PROMPT) for e in full.logprobs]  # where each token's text begins
+    stop, boundary = spanning_stop(full.text, starts)
     first = full.text.index(stop)
-    assert first > 0
+    assert 0 < first < boundary < first + len(stop)  # the stop really spans the token boundary
     result = complete(engine, PROMPT, params=greedy(stop=(stop,)))[0]
     assert result.text == full.text[:first]
     assert result.finish_reason == "stop"
@@ -129,19 +151,20 @@ def test_max_tokens_zero(engine):
 
 def test_echo_prepends_prompt_with_prompt_logprobs(engine):
     """echo puts the prompt in front; its first token has no logprob and offsets start at 0."""
-    plain = complete(engine, PROMPT, params=greedy(8))[0]
+    plain = complete(engine, PROMPT, params=greedy(8, logprobs=0))[0]
     job = engine.prepare(PROMPT, greedy(8, logprobs=2), echo=True)
     result = engine.complete(job)[0]
     assert result.text == PROMPT + plain.text
     prompt_len = len(job.prompt_ids)
-    assert len(result.logprobs) == prompt_len + 8
+    assert len(result.logprobs) == prompt_len + len(plain.logprobs)
     first = result.logprobs[0]
     assert first.logprob is None and first.offset == 0 and first.top == ()
     assert [e.offset for e in result.logprobs[:prompt_len]] == \
         [len(engine.decode(job.prompt_ids[:i])) for i in range(prompt_len)]
     assert result.logprobs[prompt_len].offset == len(PROMPT)
     for entry in result.logprobs:
-        assert result.text[entry.offset:].startswith(entry.token)
+        if "\ufffd" not in entry.token:  # a token holding part of a character has no exact text
+            assert result.text[entry.offset:].startswith(entry.token)
     for entry in result.logprobs[1:prompt_len]:
         assert entry.logprob is not None and entry.logprob < 0
         assert len(entry.top) == 2 and entry.logprob <= entry.top[0][1]
@@ -150,13 +173,15 @@ def test_echo_prepends_prompt_with_prompt_logprobs(engine):
 def test_logprobs_k_alternatives(engine):
     """logprobs=k reports k sorted alternatives per generated token; greedy's pick is the top one."""
     result = complete(engine, PROMPT, params=greedy(8, logprobs=3))[0]
-    assert len(result.logprobs) == 8
+    eos_generated = result.finish_reason == "stop"  # an eos token has no entry
+    assert len(result.logprobs) == result.completion_tokens - eos_generated > 0
     for entry in result.logprobs:
         assert len(entry.top) == 3
         values = [lp for _, lp in entry.top]
         assert values == sorted(values, reverse=True)
         assert entry.top[0] == (entry.token, pytest.approx(entry.logprob))
-    assert result.cumulative_logprob == pytest.approx(sum(e.logprob for e in result.logprobs), abs=1e-4)
+    if not eos_generated:
+        assert result.cumulative_logprob == pytest.approx(sum(e.logprob for e in result.logprobs), abs=1e-4)
 
 
 def test_logprobs_none_reports_nothing(engine):
@@ -166,12 +191,13 @@ def test_logprobs_none_reports_nothing(engine):
 
 @pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
 def test_penalties_break_repetition(engine, penalty):
-    """A 2.0 presence or frequency penalty changes the tiny model's endless "\\n" output."""
-    base = complete(engine, REPETITIVE, params=greedy(16))[0].text
-    assert base == "\n" * 16
-    penalised = complete(engine, REPETITIVE, params=greedy(16, **{penalty: 2.0}))[0].text
-    assert penalised != base
-    assert penalised.count("\n") < 8
+    """A 2.0 presence or frequency penalty makes the tiny model's repetitive greedy output more varied."""
+    base = complete(engine, REPETITIVE, params=greedy(16, logprobs=0))[0]
+    base_tokens = [e.token for e in base.logprobs]
+    assert len(set(base_tokens)) <= 4  # precondition: greedy repeats itself (today: "\n" 16 times)
+    penalised = complete(engine, REPETITIVE, params=greedy(16, logprobs=0, **{penalty: 2.0}))[0]
+    assert penalised.text != base.text
+    assert len({e.token for e in penalised.logprobs}) > len(set(base_tokens))
 
 
 def test_logit_bias_forces_a_token(engine):
@@ -192,10 +218,11 @@ def test_prepare_rejects_context_overflow(engine):
     assert info.value.status == 400
 
 
-@pytest.mark.parametrize("bad_id", [600, -1, 10_000])
-def test_prepare_rejects_out_of_vocabulary_bias(engine, bad_id):
+@pytest.mark.parametrize("beyond", [0, 10_000, "negative"])
+def test_prepare_rejects_out_of_vocabulary_bias(engine, beyond):
     """logit_bias ids outside the vocabulary are rejected with param "logit_bias"."""
-    assert engine.vocab_size == 600
+    bad_id = -1 if beyond == "negative" else engine.vocab_size + beyond
+    engine.prepare(PROMPT, greedy(logit_bias=((engine.vocab_size - 1, 1.0),)))  # the last id is fine
     with pytest.raises(InvalidRequestError) as info:
         engine.prepare(PROMPT, greedy(logit_bias=((5, 1.0), (bad_id, 1.0))))
     assert info.value.param == "logit_bias"
