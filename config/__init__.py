@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("fauxpilot.toml")
 KINDS = ("causal", "seq2seq")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 FIM_ORDERS = ("psm", "spm")
 
 

@@ -9,7 +9,7 @@ import torch
 
 import config
 from app.engine import loader
-from app.engine.loader import ModelLoadError, ResolvedSource, pick_device, pick_dtype, resolve_source
+from app.engine.loader import ModelLoadError, ResolvedSource, pick_device, resolve_dtype, resolve_source
 from app.workers import free_slot, heartbeat, torch_threads
 from config import ConfigError, ModelConfig, Settings, load_settings, settings_from_mapping
 
@@ -102,7 +102,7 @@ def test_env_model_gguf_path_is_split(config_file):
     [
         (models_table(colour="blue"), "unknown keys"),
         (models_table(kind="encoder"), "kind"),
-        (models_table(dtype="int8"), "dtype"),
+        (models_table(dtype="int4"), "dtype"),
         (models_table(fim={"prefix": "<p>", "suffix": "<s>"}), "fim"),
         (models_table(fim={"prefix": "<p>", "suffix": "<s>", "middle": "<m>", "order": "mps"}), "fim.order"),
         (models_table(max_tokens=-1), "max_tokens"),
@@ -303,26 +303,46 @@ def test_pick_device_here_is_cpu():
     assert pick_device("auto").type == "cpu"
 
 
-def test_pick_dtype_explicit():
-    """An explicit dtype is used as given, on any device."""
+def test_resolve_dtype_explicit():
+    """An explicit dtype is used as given; int8 (a CPU format) falls back to auto on a GPU."""
     cpu = torch.device("cpu")
-    assert pick_dtype("float32", cpu) is torch.float32
-    assert pick_dtype("bfloat16", cpu) is torch.bfloat16
-    assert pick_dtype("float16", torch.device("cuda:0")) is torch.float16
+    assert resolve_dtype("float32", cpu) == "float32"
+    assert resolve_dtype("bfloat16", cpu) == "bfloat16"
+    assert resolve_dtype("int8", cpu) == "int8"
+    assert resolve_dtype("float16", torch.device("cuda:0")) == "float16"
 
 
-@pytest.mark.parametrize("native_bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_pick_dtype_auto_on_cpu(monkeypatch, native_bf16, dtype):
-    """auto on a CPU is bfloat16 only where the CPU computes it natively, else float32."""
+@pytest.mark.parametrize("int8, native_bf16, dtype", [(True, True, "int8"), (False, True, "bfloat16"),
+                                                      (False, False, "float32")])
+def test_resolve_dtype_auto_on_cpu(monkeypatch, int8, native_bf16, dtype):
+    """auto on a CPU is int8 where torch can, else bfloat16 where the CPU has it natively, else float32."""
+    monkeypatch.setattr(loader, "int8_supported", lambda: int8)
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native_bf16)
-    assert pick_dtype("auto", torch.device("cpu")) is dtype
+    assert resolve_dtype("auto", torch.device("cpu")) == dtype
 
 
-@pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
-def test_pick_dtype_auto_on_gpu(monkeypatch, bf16, dtype):
-    """auto on a GPU is bfloat16 where supported, else float16."""
+@pytest.mark.parametrize("bf16, dtype", [(True, "bfloat16"), (False, "float16")])
+def test_resolve_dtype_auto_on_gpu(monkeypatch, bf16, dtype):
+    """auto (and int8) on a GPU is bfloat16 where supported, else float16."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-    assert pick_dtype("auto", torch.device("cuda:0")) is dtype
+    assert resolve_dtype("auto", torch.device("cuda:0")) == dtype
+    assert resolve_dtype("int8", torch.device("cuda:0")) == dtype
+
+
+def test_int8_engine_quantizes_linear_layers_and_generates(tiny_settings):
+    """dtype int8 loads through the real loader as dynamically quantized Linear layers that still complete."""
+    if not loader.int8_supported():
+        pytest.skip("no quantized engine in this torch build")
+    import dataclasses
+
+    from app.engine import SamplingParams, complete
+
+    config = dataclasses.replace(tiny_settings.models[0], dtype="int8")
+    engine = loader.load_engine(config, tiny_settings)
+    assert not any(type(m) is torch.nn.Linear for m in engine.model.modules())
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in engine.model.modules())
+    result = complete(engine, "def fibonacci(n):", params=SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert result.completion_tokens >= 1 and result.finish_reason in ("stop", "length")
 
 
 @pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f", False), ("avx512f avx512_bf16", True),

@@ -80,7 +80,8 @@ class Engine:
         self.device = device
         self.debug = debug
         self.runner = CausalRunner(self.model, device, reuse_prefix)
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        head = self.model.get_output_embeddings()
+        self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
         self.eos_ids, self.stop_strings = self._stops()
         self.gate = Gate(max_waiting)
