@@ -7,7 +7,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-ROOT = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
@@ -29,12 +28,48 @@ class Greeter:
 '''
 
 
+MORE_CODE = '''
+import os
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+
+    def distance(self, other: "Point") -> float:
+        return math.sqrt((self.x - other.x) ** 2 + (self.y - other.y) ** 2)
+
+
+def list_files(path):
+    result = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".py") and not name.startswith("_"):
+            result.append(os.path.join(path, name))
+    return result
+
+
+def black_scholes(spot, strike, rate, sigma, time):
+    d1 = (math.log(spot / strike) + (rate + sigma ** 2 / 2) * time) / (sigma * math.sqrt(time))
+    d2 = d1 - sigma * math.sqrt(time)
+    return d1, d2
+
+
+for i in range(10):
+    while i < 5:
+        i += 1
+    try:
+        value = {"key": [1, 2, 3], "other": None, "flag": True}
+    except (KeyError, ValueError) as error:
+        raise RuntimeError(error) from None
+'''
+
+
 def training_text() -> list[str]:
-    """Local text to learn merges from: the project's own sources plus a sample."""
-    texts = [SAMPLE_CODE] * 20
-    for path in sorted(ROOT.glob("app/**/*.py")) + sorted(ROOT.glob("config/*.py")):
-        texts.append(path.read_text(encoding="utf-8"))
-    return texts
+    """Fixed local text to learn merges from, so the tiny model is the same on every run."""
+    return [SAMPLE_CODE, MORE_CODE] * 10
 
 
 def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:

@@ -82,10 +82,13 @@ class SequenceState:
             if self.generated >= self.stop.max_tokens:
                 self.text += self.detokenizer.flush()
             if self.token_text is not None:
+                token = self.token_text(token_id)
+                if len(self.text) > offset and self.text.endswith(token):
+                    # Text that waited for this token (a split character) came out with it: the
+                    # token itself starts where its own text does.
+                    offset = len(self.text) - len(token)
                 alternatives = tuple((self.token_text(t), lp) for t, lp in top)
-                self.pending.append(
-                    TokenLogprob(self.token_text(token_id), logprob, alternatives, self.offset_base + offset)
-                )
+                self.pending.append(TokenLogprob(token, logprob, alternatives, self.offset_base + offset))
         done, reason = self.stop(token_id, self.generated, self.text, self.sent)
         if not done:
             return self._emit(len(self.text) - held_back(self.text[self.sent:], self.stop.stops), None)
