@@ -26,12 +26,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FimTemplate:
-    """Token strings that turn (prefix, suffix) into a fill-in-the-middle prompt."""
+    """How (prefix, suffix) become a fill-in-the-middle prompt, as the model card writes it.
 
-    prefix: str
-    suffix: str
-    middle: str
-    order: str = "psm"
+    ``template`` holds ``{prefix}`` and ``{suffix}``; everything else in it is the
+    model's special tokens (checked against the tokenizer at start-up), e.g.
+    ``"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"``.
+    """
+
+    template: str
+
+    @classmethod
+    def from_tokens(cls, prefix: str, suffix: str, middle: str, order: str = "psm") -> "FimTemplate":
+        """The common three-token layouts: PSM (prefix, suffix, middle) or SPM (suffix first)."""
+        if order not in FIM_ORDERS:
+            raise ConfigError(f"fim.order must be one of {FIM_ORDERS}, got {order!r}")
+        if order == "spm":
+            return cls(f"{prefix}{suffix}{{suffix}}{middle}{{prefix}}")
+        return cls(f"{prefix}{{prefix}}{suffix}{{suffix}}{middle}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class ModelConfig:
     stop: tuple[str, ...] = ()
     trust_remote_code: bool = False
     max_tokens: int = 16
+    decoder_prompt: bool = False  # seq2seq models whose card feeds the prompt to the decoder too (CodeT5+ 2B+)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -103,12 +115,25 @@ def model_from_mapping(raw: Mapping[str, Any]) -> ModelConfig:
     values = dict(raw)
     values["aliases"] = _as_tuple(raw.get("aliases"), f"model {name!r}: aliases")
     values["stop"] = _as_tuple(raw.get("stop"), f"model {name!r}: stop")
-    fim = raw.get("fim")
-    if fim is not None:
-        if not isinstance(fim, Mapping) or not {"prefix", "suffix", "middle"} <= set(fim):
-            raise ConfigError(f"model {name!r}: fim needs prefix, suffix and middle token strings")
-        values["fim"] = FimTemplate(**fim)
+    values["fim"] = _fim(raw.get("fim"), name)
     return ModelConfig(**values)
+
+
+def _fim(raw: Any, name: str) -> FimTemplate | None:
+    """``fim = "<pre>{prefix}<suf>{suffix}<mid>"``, ``{ template = ... }`` or ``{ prefix, suffix, middle, order }``."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return FimTemplate(raw)
+    if isinstance(raw, Mapping) and set(raw) == {"template"}:
+        return FimTemplate(str(raw["template"]))
+    if isinstance(raw, Mapping) and {"prefix", "suffix", "middle"} <= set(raw) <= {"prefix", "suffix", "middle", "order"}:
+        try:
+            return FimTemplate.from_tokens(**raw)
+        except ConfigError as exc:
+            raise ConfigError(f"model {name!r}: {exc}") from None
+    raise ConfigError(f"model {name!r}: fim must be a template string with {{prefix}} and {{suffix}}, "
+                      "or a table of prefix, suffix, middle (and order) token strings")
 
 
 def _validated(settings: Settings) -> Settings:
@@ -120,8 +145,8 @@ def _validated(settings: Settings) -> Settings:
             raise ConfigError(f"model {model.name!r}: kind must be one of {KINDS}, got {model.kind!r}")
         if model.dtype not in DTYPES:
             raise ConfigError(f"model {model.name!r}: dtype must be one of {DTYPES}, got {model.dtype!r}")
-        if model.fim is not None and model.fim.order not in FIM_ORDERS:
-            raise ConfigError(f"model {model.name!r}: fim.order must be one of {FIM_ORDERS}")
+        if model.fim is not None and any(model.fim.template.count(p) != 1 for p in ("{prefix}", "{suffix}")):
+            raise ConfigError(f"model {model.name!r}: the fim template must contain {{prefix}} and {{suffix}} once each")
         if model.max_tokens < 0:
             raise ConfigError(f"model {model.name!r}: max_tokens must be >= 0")
         for alias in model.names:

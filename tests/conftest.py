@@ -25,7 +25,7 @@ def tiny_settings(tiny_model_dir, tmp_path_factory):
     """Settings serving the tiny model as `tiny` (plain) and `tiny-fim` (with FIM tokens)."""
     plain = ModelConfig(name="tiny", source=str(tiny_model_dir), aliases=("codegen", "copilot-codex"),
                         context_length=256, max_tokens=16, dtype="float32")
-    fim = dataclasses.replace(plain, name="tiny-fim", aliases=(), fim=FimTemplate(*FIM_TOKENS))
+    fim = dataclasses.replace(plain, name="tiny-fim", aliases=(), fim=FimTemplate.from_tokens(*FIM_TOKENS))
     return Settings(models=(plain, fim), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 

@@ -57,7 +57,7 @@ def test_defaults(config_file):
     first, second = settings.models
     assert (first.name, first.source, first.aliases) == ("first", "org/first-model", ("codegen", "copilot-codex"))
     assert (first.kind, first.dtype, first.max_tokens, first.fim, first.stop) == ("causal", "auto", 16, None, ())
-    assert second.fim == config.FimTemplate("<fp>", "<fs>", "<fm>", "psm")
+    assert second.fim == config.FimTemplate("<fp>{prefix}<fs>{suffix}<fm>")
 
 
 def test_server_table_is_read(config_file):
@@ -105,6 +105,9 @@ def test_env_model_gguf_path_is_split(config_file):
         (models_table(dtype="int4"), "dtype"),
         (models_table(fim={"prefix": "<p>", "suffix": "<s>"}), "fim"),
         (models_table(fim={"prefix": "<p>", "suffix": "<s>", "middle": "<m>", "order": "mps"}), "fim.order"),
+        (models_table(fim="<p>{prefix}<m>"), "{suffix}"),
+        (models_table(fim="<p>{prefix}<s>{suffix}{prefix}"), "{prefix}"),
+        (models_table(fim=7), "fim must be"),
         (models_table(max_tokens=-1), "max_tokens"),
         ({"models": [{"name": "m"}]}, "source"),
         ({"models": []}, "no models"),
@@ -126,7 +129,8 @@ def test_settings_from_mapping_accepts_valid_values():
     fim = {"prefix": "<p>", "suffix": "<s>", "middle": "<m>", "order": "spm"}
     settings = settings_from_mapping(models_table(kind="seq2seq", dtype="bfloat16", fim=fim, stop="\n\n"))
     model = settings.models[0]
-    assert (model.kind, model.dtype, model.fim.order, model.stop) == ("seq2seq", "bfloat16", "spm", ("\n\n",))
+    assert (model.kind, model.dtype, model.stop) == ("seq2seq", "bfloat16", ("\n\n",))
+    assert model.fim.template == "<p><s>{suffix}<m>{prefix}"  # SPM: suffix first, prefix last
 
 
 @pytest.mark.parametrize("var", ["FAUXPILOT_WORKERS", "FAUXPILOT_TIMEOUT", "FAUXPILOT_TORCH_THREADS",

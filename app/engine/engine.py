@@ -13,7 +13,8 @@ import torch
 from config import ModelConfig
 
 from ..errors import InvalidRequestError, ServerBusyError
-from .generate import CausalRunner, generate
+from .generate import CausalRunner, Seq2SeqRunner, generate
+from .prompts import FimPrompt, TemplateError, Truncation
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
 from .stopping import StopCondition
@@ -79,7 +80,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.debug = debug
-        self.runner = CausalRunner(self.model, device, reuse_prefix)
+        self.is_seq2seq = config.kind == "seq2seq"
+        if self.is_seq2seq:
+            self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
+        else:
+            self.runner = CausalRunner(self.model, device, reuse_prefix)
+        self.fim = FimPrompt(tokenizer, config.fim.template) if config.fim else None
         head = self.model.get_output_embeddings()
         self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
@@ -127,23 +133,30 @@ class Engine:
 
     # -- prompts -------------------------------------------------------------
 
-    def encode(self, prompt: str, suffix: str | None = None) -> tuple[list[int], bool]:
-        """Token ids of the model prompt and whether fill-in-the-middle was used.
+    def prompt_budget(self, max_tokens: int) -> int:
+        """Prompt tokens that fit beside ``max_tokens`` (a seq2seq encoder has the window to itself)."""
+        return self.context_length if self.is_seq2seq else self.context_length - max_tokens
+
+    def encode(self, prompt: str, suffix: str | None = None, budget: int | None = None) -> tuple[list[int], bool, Truncation]:
+        """Token ids of the model prompt, whether the FIM template was used, and what was truncated.
 
         Models without FIM tokens complete from the prefix alone: Copilot sends a
-        suffix with every request, and a plain continuation beats an error.
+        suffix with every request, and a plain continuation beats an error. Seq2seq
+        models always use their template (its sentinel marks the span to generate).
         """
-        fim = self.config.fim
-        if not suffix or fim is None:
-            return self.tokenizer(prompt)["input_ids"], False
-        piece = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        special = lambda token: [self.tokenizer.convert_tokens_to_ids(token)]  # noqa: E731
-        bos = [self.tokenizer.bos_token_id] if getattr(self.tokenizer, "add_bos_token", False) else []
-        if fim.order == "spm":
-            ids = special(fim.prefix) + special(fim.suffix) + piece(suffix) + special(fim.middle) + piece(prompt)
-        else:
-            ids = special(fim.prefix) + piece(prompt) + special(fim.suffix) + piece(suffix) + special(fim.middle)
-        return bos + ids, True
+        if self.fim is None or not (suffix or self.is_seq2seq):
+            return self.tokenizer(prompt)["input_ids"], False, Truncation()
+        ids, cut = self.fim.build(prompt, suffix or "", self.context_length if budget is None else budget)
+        return ids, True, cut
+
+    def _too_long(self, prompt_tokens: int, max_tokens: int) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"This model's maximum context length is {self.context_length} tokens, however you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in your prompt; {max_tokens} for the "
+            "completion). Please reduce your prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
     def prepare(
         self,
@@ -156,19 +169,22 @@ class Engine:
         request_id: str = "local",
     ) -> Job:
         """Tokenize and check a request against this model; raise InvalidRequestError if it cannot run."""
-        ids, used_fim = self.encode(prompt, suffix)
+        budget = self.prompt_budget(params.max_tokens)
+        if budget < 1 or params.max_tokens > self.context_length:
+            raise self._too_long(1, params.max_tokens)
+        try:
+            ids, used_fim, cut = self.encode(prompt, suffix, budget)
+        except TemplateError:
+            raise self._too_long(self.fim.fixed_tokens, params.max_tokens) from None
+        if cut:
+            log.info("[%s] prompt truncated to fit %d tokens: %d prefix tokens cut at the start, %d suffix tokens "
+                     "at the end", request_id, budget, cut.prefix_tokens, cut.suffix_tokens)
         if not ids:
             # Nothing to condition on: start from the beginning-of-sequence token.
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else min(self.eos_ids, default=0)
-            ids = [start]
-        if len(ids) + params.max_tokens > self.context_length:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.context_length} tokens, however you requested "
-                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in your prompt; {params.max_tokens} for the "
-                "completion). Please reduce your prompt or max_tokens.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+            bos = self.tokenizer.bos_token_id
+            ids = [bos if bos is not None else min(self.eos_ids, default=0)]
+        if len(ids) > budget:
+            raise self._too_long(len(ids), params.max_tokens)
         bad = [token for token, _ in params.logit_bias if not 0 <= token < self.vocab_size]
         if bad:
             raise InvalidRequestError(
@@ -176,7 +192,7 @@ class Engine:
                 param="logit_bias",
             )
         if suffix and not used_fim:
-            log.debug("[%s] model %s has no fill-in-the-middle tokens: suffix ignored", request_id, self.name)
+            log.debug("[%s] model %s has no fill-in-the-middle template: suffix ignored", request_id, self.name)
         return Job(request_id, prompt, tuple(ids), params, n, echo, used_fim)
 
     # -- running -------------------------------------------------------------
@@ -215,10 +231,12 @@ class Engine:
     def prompt_logprobs(self, job: Job) -> list[TokenLogprob]:
         """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs``."""
         ids = list(job.prompt_ids)
-        scores = self.runner.score(ids)
-        k = job.params.logprobs or 0
         offsets = self._offsets(job)
         entries = [TokenLogprob(self.token_text(ids[0]), None, (), offsets[0])]
+        if self.is_seq2seq:  # encoder input: the model gives it no probabilities
+            return entries + [TokenLogprob(self.token_text(t), None, (), o) for t, o in zip(ids[1:], offsets[1:])]
+        scores = self.runner.score(ids)
+        k = job.params.logprobs or 0
         for pos in range(1, len(ids)):
             row = scores[pos - 1]
             top = ()
@@ -288,7 +306,9 @@ class Generation:
 
     def _sequence(self, index: int) -> SequenceState:
         engine, job = self.engine, self.job
-        detok = IncrementalDetokenizer(engine.decode, job.prompt_ids)
+        # The decoder continues the prompt, except in seq2seq models where it starts afresh.
+        context = job.prompt_ids if not engine.is_seq2seq or engine.config.decoder_prompt else ()
+        detok = IncrementalDetokenizer(engine.decode, context)
         stop = StopCondition(engine.eos_ids, job.params.max_tokens, engine.stop_strings + job.params.stop)
         token_text = engine.token_text if job.params.logprobs is not None else None
         # text_offset counts from the start of the prompt, as OpenAI's does.

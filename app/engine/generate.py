@@ -5,7 +5,7 @@ import logging
 from typing import Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from .params import Delta
 from .sampling import TokenChooser
@@ -93,9 +93,57 @@ class CausalRunner:
         self.single, self.cached_ids = False, []
 
 
+class Seq2SeqRunner:
+    """Runs an encoder-decoder model (T5, CodeT5): the prompt through the encoder once, then the decoder.
+
+    With ``decoder_prompt`` the decoder starts from the prompt too, as CodeT5+ 2B+
+    model cards do; otherwise from the decoder start token.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, decoder_prompt: bool = False):
+        self.model = model
+        self.device = device
+        self.decoder_prompt = decoder_prompt
+        config = model.config
+        self.start_id = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+        self.cache: EncoderDecoderCache | None = None
+        self.encoded = None
+        self.last_reused = 0
+
+    def _forward(self, decoder_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(encoder_outputs=self.encoded, decoder_input_ids=decoder_ids, cache=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Encode the prompt and run the decoder's first step; return next-token logits [1, vocab]."""
+        self.encoded = self.model.get_encoder()(input_ids=torch.tensor([prompt_ids], device=self.device))
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = list(prompt_ids) if self.decoder_prompt else [self.start_id]
+        return self._forward(torch.tensor([start], device=self.device))
+
+    def expand(self, n: int) -> None:
+        """Repeat the encoded prompt and the caches for ``n`` sequences."""
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)
+            self.encoded.last_hidden_state = self.encoded.last_hidden_state.repeat_interleave(n, dim=0)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences."""
+        self.cache.batch_select_indices(rows)
+        self.encoded.last_hidden_state = self.encoded.last_hidden_state[rows]
+
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per live sequence; return next-token logits [batch, vocab]."""
+        return self._forward(token_ids[:, None])
+
+    def forget(self) -> None:
+        """Drop the encoded prompt and the caches."""
+        self.cache = self.encoded = None
+
+
 @torch.inference_mode()
 def generate(
-    runner: CausalRunner, prompt_ids: Sequence[int], chooser: TokenChooser, sequences: list[SequenceState]
+    runner: CausalRunner | Seq2SeqRunner, prompt_ids: Sequence[int], chooser: TokenChooser, sequences: list[SequenceState]
 ) -> Iterator[list[Delta]]:
     """Yield the deltas of every live sequence after each decoding step until all have stopped."""
     logits = runner.prefill(prompt_ids)

@@ -167,7 +167,7 @@ def converted_gguf(source: ResolvedSource, cache_dir: Path) -> Path:
 
 def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, dtype: str):
     """Load (model, tokenizer) for a config entry onto ``device`` in ``dtype`` (a resolved name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source = resolve_source(config)
     location = str(converted_gguf(source, cache_dir)) if source.gguf_file else source.location
@@ -176,7 +176,8 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         weights = torch.float32 if dtype == "int8" else getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=weights, **options)
+        auto_class = AutoModelForSeq2SeqLM if config.kind == "seq2seq" else AutoModelForCausalLM
+        model = auto_class.from_pretrained(location, dtype=weights, **options)
     except OSError as exc:
         raise ModelLoadError(f"model {config.name!r}: cannot load {location!r}: {exc}") from exc
     model.to(device).eval()
@@ -190,8 +191,12 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     """Build a ready :class:`~app.engine.engine.Engine` for one config entry."""
     from .engine import Engine
+    from .prompts import TemplateError
 
     device = pick_device(settings.device, slot)
     model, tokenizer = load_pretrained(config, settings.cache_dir, device, resolve_dtype(config.dtype, device))
-    return Engine(config, model, tokenizer, device, reuse_prefix=settings.prefix_cache,
-                  debug=settings.debug, max_waiting=settings.max_waiting)
+    try:
+        return Engine(config, model, tokenizer, device, reuse_prefix=settings.prefix_cache,
+                      debug=settings.debug, max_waiting=settings.max_waiting)
+    except TemplateError as exc:
+        raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None

@@ -1,0 +1,97 @@
+"""Model prompts: plain text, or a fill-in-the-middle template checked against the tokenizer."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# A special token as model cards write them: <fim_prefix>, <|fim_middle|>, <｜fim▁hole｜>, ▁<PRE>, <extra_id_0>.
+SPECIAL_TOKEN = re.compile(r"▁?<[^<>{}\s]+>")
+PLACEHOLDER = re.compile(r"\{(prefix|suffix)\}")
+
+
+class TemplateError(ValueError):
+    """A FIM template that does not fit the model's tokenizer."""
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How many tokens were cut from the far ends of the prefix and the suffix."""
+
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.prefix_tokens or self.suffix_tokens)
+
+
+class FimPrompt:
+    """Builds fill-in-the-middle token ids from a template like ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>``.
+
+    Literal parts are resolved to token ids once, when the model loads; a special
+    token the tokenizer does not have is a start-up error, never a silent fallback.
+    Prefix and suffix are tokenized separately, so no merge crosses a boundary.
+    """
+
+    def __init__(self, tokenizer, template: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.parts: list[str | list[int]] = []  # "prefix", "suffix", or literal token ids
+        position = 0
+        for match in PLACEHOLDER.finditer(template):
+            self.parts.append(self._literal(template[position:match.start()]))
+            self.parts.append(match.group(1))
+            position = match.end()
+        self.parts.append(self._literal(template[position:]))
+        self.parts = [part for part in self.parts if part != []]
+        self.bos = leading_bos(tokenizer)
+        self.fixed_tokens = len(self.bos) + sum(len(p) for p in self.parts if isinstance(p, list))
+
+    def _literal(self, text: str) -> list[int]:
+        ids: list[int] = []
+        position = 0
+        for match in SPECIAL_TOKEN.finditer(text):
+            ids += self._plain(text[position:match.start()])
+            ids.append(special_token_id(self.tokenizer, match.group(0)))
+            position = match.end()
+        return ids + self._plain(text[position:])
+
+    def _plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def build(self, prefix: str, suffix: str, budget: int) -> tuple[list[int], Truncation]:
+        """Token ids for the model, at most ``budget`` long: the far ends of prefix and suffix go first."""
+        room = budget - self.fixed_tokens
+        if room < 1:
+            raise TemplateError(f"no room for the prompt: {budget} tokens available, the template needs "
+                                f"{self.fixed_tokens}")
+        head, tail = self._plain(prefix), self._plain(suffix)
+        cut = Truncation()
+        if len(head) + len(tail) > room:
+            # Text near the cursor matters most; the suffix keeps at least a quarter of the room.
+            keep_tail = min(len(tail), max(room - len(head), room // 4))
+            keep_head = min(len(head), room - keep_tail)
+            cut = Truncation(len(head) - keep_head, len(tail) - keep_tail)
+            head, tail = head[len(head) - keep_head:], tail[:keep_tail]
+        ids = list(self.bos)
+        for part in self.parts:
+            ids += head if part == "prefix" else tail if part == "suffix" else part
+        return ids, cut
+
+
+def leading_bos(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts ordinary encodings with it (Llama-style), else ``[]``."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("x")["input_ids"]
+    return [bos] if bos is not None and ids and ids[0] == bos else []
+
+
+def special_token_id(tokenizer, token: str) -> int:
+    """The id of a single vocabulary token, or TemplateError when the tokenizer lacks it."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    unk = tokenizer.unk_token_id
+    if token_id is None or (token_id == unk and token != tokenizer.unk_token):
+        raise TemplateError(f"token {token!r} is not in the tokenizer's vocabulary")
+    return token_id
