@@ -14,7 +14,7 @@ from config import ModelConfig
 
 from ..errors import InvalidRequestError, ServerBusyError
 from .generate import CausalRunner, Seq2SeqRunner, generate
-from .prompts import FimPrompt, TemplateError, Truncation
+from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, special_token_id
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
 from .stopping import StopCondition
@@ -115,20 +115,24 @@ class Engine:
     def _stops(self) -> tuple[frozenset[int], tuple[str, ...]]:
         """End-of-sequence ids from the model and tokenizer, plus configured stops.
 
-        A configured stop that is a single special token becomes a stop id (its text
-        never reaches the output); anything else is matched as a string.
+        A configured stop written like a special token (``<eom>``, ``▁<EOT>``) that the
+        vocabulary has stops by id (its text never reaches the output); anything else
+        is matched as a string.
         """
         eos = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
             value = getattr(source, "eos_token_id", None)
             eos.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
         strings = []
-        special = set(self.tokenizer.all_special_tokens) | set(getattr(self.tokenizer, "added_tokens_encoder", {}))
         for stop in self.config.stop:
-            if stop in special:
-                eos.add(self.tokenizer.convert_tokens_to_ids(stop))
-            else:
-                strings.append(stop)
+            if SPECIAL_TOKEN.fullmatch(stop):
+                try:
+                    eos.add(special_token_id(self.tokenizer, stop))
+                    continue
+                except TemplateError:
+                    log.warning("model %s: stop %r is not a token of its vocabulary; matching it as text",
+                                self.name, stop)
+            strings.append(stop)
         return frozenset(eos), tuple(strings)
 
     # -- prompts -------------------------------------------------------------
