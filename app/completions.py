@@ -110,7 +110,7 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
         for result in model.complete(job, best_of=req.best_of):
             choices.append((number * req.n + result.index, result))
             completion_tokens += result.completion_tokens
-    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+    prompt_tokens = sum(job.prompt_tokens for job in jobs)
     return completion_response(completion_id, int(time.time()), model.name, choices,
                                usage_object(prompt_tokens, completion_tokens), req.params.logprobs is not None)
 

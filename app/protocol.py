@@ -142,7 +142,8 @@ class CompletionRequestSchema(Schema):
     frequency_penalty = _Number(allow_none=True, validate=validate.Range(min=-2, max=2))
     logit_bias = _LogitBias(allow_none=True)
     user = fields.String(allow_none=True)
-    seed = _StrictInteger(allow_none=True)
+    # int64, as OpenAI documents it (torch's generator also refuses anything past 64 bits).
+    seed = _StrictInteger(allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
 
     @validates_schema
     def _check_combinations(self, data, **kwargs):

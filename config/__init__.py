@@ -86,6 +86,7 @@ class Settings:
     max_request_bytes: int = 4 * 1024 * 1024
     max_waiting: int = 8
     prefix_cache: bool = True
+    token_healing: bool = True
 
     def replace(self, **changes: Any) -> "Settings":
         """Return a copy with some settings changed (validated like the file)."""
@@ -187,6 +188,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_DEBUG": ("debug", _env_bool),
     "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
     "FAUXPILOT_PREFIX_CACHE": ("prefix_cache", _env_bool),
+    "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
 }
 
 

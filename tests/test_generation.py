@@ -250,8 +250,8 @@ def test_prepare_rejects_out_of_vocabulary_bias(engine, beyond):
 
 def test_suffix_ignored_without_fim(engine):
     """A plain model completes from the prefix alone: suffix ignored, same ids as without it."""
-    job = engine.prepare("def f(", greedy(), suffix="):\n    pass\n")
-    assert job.used_fim is False
+    job = engine.prepare("def f(", greedy(logprobs=0), suffix="):\n    pass\n")  # logprobs: no healing
+    assert job.used_fim is False and job.healing is None
     assert list(job.prompt_ids) == engine.tokenizer("def f(")["input_ids"]
 
 
@@ -275,6 +275,6 @@ def test_fim_prompt_layout(engines):
 def test_fim_engine_without_suffix_is_plain(engines):
     """The FIM model with no suffix encodes the prompt plainly."""
     fim = engines["tiny-fim"]
-    job = fim.prepare("def f(", greedy())
-    assert job.used_fim is False
+    job = fim.prepare("def f(", greedy(logprobs=0))  # logprobs: no token healing
+    assert job.used_fim is False and job.healing is None
     assert list(job.prompt_ids) == fim.tokenizer("def f(")["input_ids"]

@@ -14,6 +14,7 @@ from config import ModelConfig
 
 from ..errors import InvalidRequestError, ServerBusyError
 from .generate import CausalRunner, Seq2SeqRunner, generate
+from .healing import Healing, TokenHealer
 from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, special_token_id
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
@@ -34,6 +35,12 @@ class Job:
     n: int = 1
     echo: bool = False
     used_fim: bool = False
+    healing: Healing | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt length as the client sees it (a healed token still counts)."""
+        return len(self.prompt_ids) + (1 if self.healing else 0)
 
 
 class Gate:
@@ -72,6 +79,7 @@ class Engine:
         device: torch.device,
         *,
         reuse_prefix: bool = True,
+        token_healing: bool = True,
         debug: bool = False,
         max_waiting: int = 8,
     ):
@@ -90,6 +98,7 @@ class Engine:
         self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
         self.eos_ids, self.stop_strings = self._stops()
+        self.healer = TokenHealer(tokenizer, self.decode) if token_healing and not self.is_seq2seq else None
         self.gate = Gate(max_waiting)
         self._lock = threading.Lock()  # one generation at a time owns the model and its cache
 
@@ -197,7 +206,11 @@ class Engine:
             )
         if suffix and not used_fim:
             log.debug("[%s] model %s has no fill-in-the-middle template: suffix ignored", request_id, self.name)
-        return Job(request_id, prompt, tuple(ids), params, n, echo, used_fim)
+        healing = None
+        # Healing changes which tokens are generated, so not when the client asked to see them.
+        if self.healer and not used_fim and not echo and params.logprobs is None:
+            ids, healing = self.healer.heal(ids)
+        return Job(request_id, prompt, tuple(ids), params, n, echo, used_fim, healing)
 
     # -- running -------------------------------------------------------------
 
@@ -268,7 +281,7 @@ class Generation:
     @property
     def prompt_tokens(self) -> int:
         """Number of tokens in the model prompt."""
-        return len(self.job.prompt_ids)
+        return self.job.prompt_tokens
 
     @property
     def completion_tokens(self) -> int:
@@ -288,6 +301,9 @@ class Generation:
                 log.info("[%s] model prompt (fim=%s): %r", job.request_id, job.used_fim,
                          engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False))
                 log.info("[%s] prompt ids: %s", job.request_id, list(job.prompt_ids))
+                if job.healing:
+                    log.info("[%s] token healing: last prompt token %r removed; first token from %d candidates",
+                             job.request_id, job.healing.text, len(job.healing.allowed))
             self.sequences = [self._sequence(i) for i in range(job.n)]
             if job.echo:
                 yield from self._echo()
@@ -296,7 +312,8 @@ class Generation:
                     seq.finish_reason = "length"
                     yield Delta(seq.index, "", (), "length")
                 return
-            chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device)
+            allowed = job.healing.allowed if job.healing else None
+            chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device, first_allowed=allowed)
             first = None
             try:
                 for deltas in generate(engine.runner, job.prompt_ids, chooser, self.sequences):
@@ -316,7 +333,8 @@ class Generation:
         stop = StopCondition(engine.eos_ids, job.params.max_tokens, engine.stop_strings + job.params.stop)
         token_text = engine.token_text if job.params.logprobs is not None else None
         # text_offset counts from the start of the prompt, as OpenAI's does.
-        return SequenceState(index, detok, stop, token_text, offset_base=len(job.prompt))
+        healed = job.healing.text if job.healing else ""
+        return SequenceState(index, detok, stop, token_text, offset_base=len(job.prompt), skip=healed)
 
     def _echo(self) -> Iterator[Delta]:
         if self.job.params.logprobs is not None:

@@ -197,6 +197,6 @@ def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     model, tokenizer = load_pretrained(config, settings.cache_dir, device, resolve_dtype(config.dtype, device))
     try:
         return Engine(config, model, tokenizer, device, reuse_prefix=settings.prefix_cache,
-                      debug=settings.debug, max_waiting=settings.max_waiting)
+                      token_healing=settings.token_healing, debug=settings.debug, max_waiting=settings.max_waiting)
     except TemplateError as exc:
         raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None

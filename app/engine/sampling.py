@@ -88,8 +88,13 @@ class Choice:
 class TokenChooser:
     """Applies the processor chain, then picks greedily (temperature 0) or by seeded sampling."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, batch: int, device: torch.device):
+    def __init__(self, params: SamplingParams, vocab_size: int, batch: int, device: torch.device,
+                 first_allowed: tuple[int, ...] | None = None):
         self.greedy = params.temperature == 0.0
+        self.first_mask = None  # token healing: only these ids may come first
+        if first_allowed is not None:
+            self.first_mask = torch.full((vocab_size,), float("-inf"), device=device)
+            self.first_mask[torch.tensor(first_allowed, dtype=torch.long, device=device)] = 0.0
         self.top_k = params.logprobs or 0
         self.processors = build_processors(params, vocab_size, device)
         self.counts = None
@@ -109,6 +114,8 @@ class TokenChooser:
         scores = logits
         for process in self.processors:
             scores = process(scores, self.counts)
+        if self.first_mask is not None:
+            scores, self.first_mask = scores + self.first_mask, None
         if self.greedy:
             token_ids = scores.argmax(dim=-1)
         else:

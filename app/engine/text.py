@@ -49,12 +49,14 @@ class SequenceState:
         stop: StopCondition,
         token_text: Callable[[int], str] | None = None,
         offset_base: int = 0,
+        skip: str = "",
     ):
         self.index = index
         self.detokenizer = detokenizer
         self.stop = stop
         self.token_text = token_text  # set when logprobs are wanted
         self.offset_base = offset_base
+        self.skip = skip  # healed prompt text that the first token repeats; never sent
         self.text = ""
         self.token_ids: list[int] = []
         self.sent = 0
@@ -89,8 +91,13 @@ class SequenceState:
                     offset = len(self.text) - len(token)
                 alternatives = tuple((self.token_text(t), lp) for t, lp in top)
                 self.pending.append(TokenLogprob(token, logprob, alternatives, self.offset_base + offset))
+        if self.skip and len(self.text) >= len(self.skip):
+            self.text = self.text.removeprefix(self.skip)
+            self.skip = ""
         done, reason = self.stop(token_id, self.generated, self.text, self.sent)
         if not done:
+            if self.skip:
+                return None
             return self._emit(len(self.text) - held_back(self.text[self.sent:], self.stop.stops), None)
         cut = find_stop(self.text, self.stop.stops, self.sent)
         if cut is not None:
