@@ -6,7 +6,7 @@ import torch
 
 from app.engine import Generation, SamplingParams, complete
 from app.errors import InvalidRequestError
-from tests.tiny_models import FIM_TOKENS
+from tests.tiny_models import FIM_TOKENS, SAMPLE_CODE
 
 PROMPT = "x = 1"  # greedy continues it with varied tokens
 
@@ -67,29 +67,41 @@ def test_stream_with_stop_and_n_matches_results(engine):
     assert all("e" not in r.text for r in results)
 
 
+LONG_PROMPT = SAMPLE_CODE * 2  # well over two 64-token prefill blocks with the tiny tokenizer
+
+
 def test_prefix_cache_gives_same_output_as_cold_run(engine):
-    """A warm run reusing a cached prefix produces the same greedy text and logprobs as a cold run."""
+    """A warm run reusing whole cached blocks gives bit-identical logprobs and text to a cold run."""
+    assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.block
     engine.runner.forget()
-    complete(engine, "class Greeter:\n    def", params=greedy(8))
-    prompt = "class Greeter:\n    def greet(self):\n        return"
-    warm = complete(engine, prompt, params=greedy())[0]
-    assert engine.runner.last_reused > 0
+    complete(engine, LONG_PROMPT[:-20], params=greedy(8))
+    warm = complete(engine, LONG_PROMPT, params=greedy())[0]
+    assert engine.runner.last_reused > 0 and engine.runner.last_reused % engine.runner.block == 0
     engine.runner.forget()
-    cold = complete(engine, prompt, params=greedy())[0]
+    cold = complete(engine, LONG_PROMPT, params=greedy())[0]
     assert engine.runner.last_reused == 0
     assert warm.text == cold.text
-    assert warm.cumulative_logprob == pytest.approx(cold.cumulative_logprob, abs=1e-3)
+    assert warm.cumulative_logprob == cold.cumulative_logprob
+
+
+def test_same_request_twice_is_identical(engine):
+    """Repeating a request (which reuses its cache) gives the same text and logprobs as the first time."""
+    engine.runner.forget()
+    first = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
+    second = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
+    assert engine.runner.last_reused > 0
+    assert second.text == first.text and second.logprobs == first.logprobs
 
 
 def test_prefix_cache_shorter_prompt(engine):
-    """A prompt that is a prefix of the cached one (cache cropped) still matches a cold run."""
-    long_prompt = "class Greeter:\n    def greet(self):\n        return"
-    complete(engine, long_prompt, params=greedy(4))
-    warm = complete(engine, "class Greeter:\n", params=greedy())[0]
+    """A prompt that is a prefix of the cached one (cache cropped) still matches a cold run exactly."""
+    complete(engine, LONG_PROMPT, params=greedy(4))
+    shorter = LONG_PROMPT[:-40]
+    warm = complete(engine, shorter, params=greedy())[0]
     assert engine.runner.last_reused > 0
     engine.runner.forget()
-    cold = complete(engine, "class Greeter:\n", params=greedy())[0]
-    assert warm.text == cold.text
+    cold = complete(engine, shorter, params=greedy())[0]
+    assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
 
 
 def test_n_with_seed_is_reproducible(engine):
@@ -278,3 +290,27 @@ def test_fim_engine_without_suffix_is_plain(engines):
     job = fim.prepare("def f(", greedy(logprobs=0))  # logprobs: no token healing
     assert job.used_fim is False and job.healing is None
     assert list(job.prompt_ids) == fim.tokenizer("def f(")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_settings):
+    """The tiny model with int8 weights (dynamic activation scales: chunking would show)."""
+    import dataclasses
+
+    from app.engine import loader
+
+    if not loader.int8_supported():
+        pytest.skip("no quantized engine in this torch build")
+    return loader.load_engine(dataclasses.replace(tiny_settings.models[0], dtype="int8"), tiny_settings)
+
+
+def test_int8_cached_requests_match_cold_and_stream(int8_engine):
+    """With int8 weights too, a cached repeat, a cold run and a streamed run all give the same text."""
+    engine = int8_engine
+    engine.runner.forget()
+    cold = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
+    again = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
+    assert engine.runner.last_reused > 0
+    streamed = "".join(d.text for d in Generation(engine, engine.prepare(LONG_PROMPT, greedy(logprobs=1))))
+    assert again.logprobs == cold.logprobs
+    assert again.text == cold.text == streamed

@@ -30,15 +30,21 @@ class CausalRunner:
     Code completion requests arrive keystroke after keystroke with nearly the same
     prompt, so keeping the last cache and cropping it to the shared prefix turns a
     full prefill into a few tokens of work.
+
+    Prompts are fed in blocks that start at multiples of ``block`` and only whole
+    blocks are reused. A reused cache then holds exactly the numbers a cold run
+    computes (same tokens, same shapes), so the output never depends on what the
+    previous request was: the same request gives the same text, cached or not.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, reuse_prefix: bool = True):
+    def __init__(self, model: torch.nn.Module, device: torch.device, reuse_prefix: bool = True, block: int = 64):
         self.model = model
         self.device = device
         self.reuse_prefix = reuse_prefix
+        self.block = block
         self.cache: DynamicCache | None = None
         self.cached_ids: list[int] = []  # tokens whose keys/values are in self.cache
-        self.single = False  # whether the cache still holds one sequence (so cached_ids is true)
+        self.reusable = 0  # leading cache positions computed as whole prefill blocks
         self.last_reused = 0
 
     def _forward(self, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
@@ -48,37 +54,38 @@ class CausalRunner:
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Feed the prompt; return logits for the next token [1, vocab]."""
         reused = 0
-        if self.reuse_prefix and self.single and self.cache.is_croppable:
+        if self.reuse_prefix and self.reusable and self.cache.is_croppable:
             # At least one token must be fed to get logits for the next one.
-            reused = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
+            shared = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1, self.reusable)
+            reused = shared - shared % self.block
         if reused > 0:
-            if len(self.cached_ids) > reused:
-                self.cache.crop(reused - len(self.cached_ids))
+            if self.cache.get_seq_length() > reused:
+                self.cache.crop(reused - self.cache.get_seq_length())
         else:
             self.cache = DynamicCache()
-        self.cached_ids = list(prompt_ids[:reused])
-        self.last_reused = reused
-        new = torch.tensor([prompt_ids[reused:]], device=self.device)
-        logits = self._forward(new, 1)[:, -1]
-        self.cached_ids.extend(prompt_ids[reused:])
-        self.single = True
+        self.cached_ids, self.reusable, self.last_reused = list(prompt_ids[:reused]), 0, reused
+        for start in range(reused, len(prompt_ids), self.block):
+            chunk = prompt_ids[start:start + self.block]
+            logits = self._forward(torch.tensor([chunk], device=self.device), 1)[:, -1]
+            self.cached_ids.extend(chunk)
+        self.reusable = len(prompt_ids) - len(prompt_ids) % self.block
         return logits
 
     def expand(self, n: int) -> None:
         """Turn the batch-1 prompt cache into ``n`` sequences sharing that prompt."""
         if n > 1:
             self.cache.batch_repeat_interleave(n)
-            self.single, self.cached_ids = False, []  # nothing to reuse next time
+            self.reusable, self.cached_ids = 0, []  # nothing to reuse next time
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the cache."""
         self.cache.batch_select_indices(rows)
-        self.single, self.cached_ids = False, []
+        self.reusable, self.cached_ids = 0, []
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per live sequence; return next-token logits [batch, vocab]."""
         logits = self._forward(token_ids[:, None], 1)[:, -1]
-        if self.single:
+        if self.reusable:
             self.cached_ids.append(int(token_ids[0]))
         return logits
 
@@ -90,7 +97,7 @@ class CausalRunner:
     def forget(self) -> None:
         """Drop the cache (after an error, its contents are not known)."""
         self.cache = None
-        self.single, self.cached_ids = False, []
+        self.reusable, self.cached_ids = 0, []
 
 
 class Seq2SeqRunner:
