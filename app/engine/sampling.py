@@ -112,10 +112,12 @@ class TokenChooser:
         """Pick one token per row of ``logits`` [batch, vocab]."""
         logits = logits.float()
         scores = logits
+        if self.first_mask is not None:
+            # Before the chain, so top_p picks its nucleus among the allowed tokens (after it,
+            # the mask could remove every token top_p kept and leave nothing to sample).
+            scores, self.first_mask = scores + self.first_mask, None
         for process in self.processors:
             scores = process(scores, self.counts)
-        if self.first_mask is not None:
-            scores, self.first_mask = scores + self.first_mask, None
         if self.greedy:
             token_ids = scores.argmax(dim=-1)
         else:
