@@ -46,7 +46,9 @@ def handle_error(exc: Exception):
     if isinstance(exc, HTTPException):
         kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify(error_envelope(exc.description or exc.name, kind, None, code)), exc.code
+        # Keep the exception's own headers (Allow on 405, for one) on the JSON reply.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return jsonify(error_envelope(exc.description or exc.name, kind, None, code)), exc.code, headers
     request_id = g.get("request_id", "-")
     log.exception("[%s] unhandled error", request_id)
     return jsonify(error_envelope(f"The server had an error processing request {request_id}.", "server_error")), 500
