@@ -93,7 +93,7 @@ class Engine:
             self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
         else:
             self.runner = CausalRunner(self.model, device, reuse_prefix)
-        self.fim = FimPrompt(tokenizer, config.fim.template) if config.fim else None
+        self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
         head = self.model.get_output_embeddings()
         self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
@@ -184,7 +184,7 @@ class Engine:
         """Tokenize and check a request against this model; raise InvalidRequestError if it cannot run."""
         budget = self.prompt_budget(params.max_tokens)
         if budget < 1 or params.max_tokens > self.context_length:
-            raise self._too_long(1, params.max_tokens)
+            raise self._too_long(len(self.tokenizer(prompt)["input_ids"]), params.max_tokens)
         try:
             ids, used_fim, cut = self.encode(prompt, suffix, budget)
         except TemplateError:

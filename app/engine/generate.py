@@ -103,8 +103,8 @@ class CausalRunner:
 class Seq2SeqRunner:
     """Runs an encoder-decoder model (T5, CodeT5): the prompt through the encoder once, then the decoder.
 
-    With ``decoder_prompt`` the decoder starts from the prompt too, as CodeT5+ 2B+
-    model cards do; otherwise from the decoder start token.
+    With ``decoder_prompt`` the decoder gets the prompt too, after its start token, as
+    CodeT5+ 2B+ model cards do; otherwise only the decoder start token.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, decoder_prompt: bool = False):
@@ -125,7 +125,10 @@ class Seq2SeqRunner:
         """Encode the prompt and run the decoder's first step; return next-token logits [1, vocab]."""
         self.encoded = self.model.get_encoder()(input_ids=torch.tensor([prompt_ids], device=self.device))
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        start = list(prompt_ids) if self.decoder_prompt else [self.start_id]
+        start = [self.start_id]
+        if self.decoder_prompt:
+            # As generate(decoder_input_ids=prompt) does it (the CodeT5+ 2B+ cards): the start token, then the prompt.
+            start = list(prompt_ids) if prompt_ids and prompt_ids[0] == self.start_id else [*start, *prompt_ids]
         return self._forward(torch.tensor([start], device=self.device))
 
     def expand(self, n: int) -> None:

@@ -33,9 +33,12 @@ class FimPrompt:
     Literal parts are resolved to token ids once, when the model loads; a special
     token the tokenizer does not have is a start-up error, never a silent fallback.
     Prefix and suffix are tokenized separately, so no merge crosses a boundary.
+    With ``end_with_eos`` (an encoder's input) the prompt also ends with the EOS the
+    tokenizer appends to its encodings (T5, CodeT5), as the model was trained; a causal
+    prompt never does, since the model would read it as the end of the text.
     """
 
-    def __init__(self, tokenizer, template: str):
+    def __init__(self, tokenizer, template: str, end_with_eos: bool = False):
         self.tokenizer = tokenizer
         self.template = template
         self.parts: list[str | list[int]] = []  # "prefix", "suffix", or literal token ids
@@ -47,7 +50,8 @@ class FimPrompt:
         self.parts.append(self._literal(template[position:]))
         self.parts = [part for part in self.parts if part != []]
         self.bos = leading_bos(tokenizer)
-        self.fixed_tokens = len(self.bos) + sum(len(p) for p in self.parts if isinstance(p, list))
+        self.eos = trailing_eos(tokenizer) if end_with_eos else []
+        self.fixed_tokens = len(self.bos) + len(self.eos) + sum(len(p) for p in self.parts if isinstance(p, list))
 
     def _literal(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -78,7 +82,7 @@ class FimPrompt:
         ids = list(self.bos)
         for part in self.parts:
             ids += head if part == "prefix" else tail if part == "suffix" else part
-        return ids, cut
+        return ids + self.eos, cut
 
 
 def leading_bos(tokenizer) -> list[int]:
@@ -86,6 +90,14 @@ def leading_bos(tokenizer) -> list[int]:
     bos = tokenizer.bos_token_id
     ids = tokenizer("x")["input_ids"]
     return [bos] if bos is not None and ids and ids[0] == bos else []
+
+
+def trailing_eos(tokenizer) -> list[int]:
+    """``[eos]`` when the tokenizer ends ordinary encodings with it (T5-style), else ``[]``."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return [eos] if eos is not None and len(ids) > len(plain) and ids[-1] == eos else []
 
 
 def special_token_id(tokenizer, token: str) -> int:
