@@ -67,16 +67,16 @@ def test_stream_with_stop_and_n_matches_results(engine):
     assert all("e" not in r.text for r in results)
 
 
-LONG_PROMPT = SAMPLE_CODE * 2  # well over two 64-token prefill blocks with the tiny tokenizer
+LONG_PROMPT = SAMPLE_CODE * 2  # 172 tokens with the tiny tokenizer: several prefill blocks
 
 
 def test_prefix_cache_gives_same_output_as_cold_run(engine):
     """A warm run reusing whole cached blocks gives bit-identical logprobs and text to a cold run."""
-    assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.block
+    assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.small_block
     engine.runner.forget()
     complete(engine, LONG_PROMPT[:-20], params=greedy(8))
     warm = complete(engine, LONG_PROMPT, params=greedy())[0]
-    assert engine.runner.last_reused > 0 and engine.runner.last_reused % engine.runner.block == 0
+    assert engine.runner.last_reused > 0 and engine.runner.last_reused % engine.runner.small_block == 0
     engine.runner.forget()
     cold = complete(engine, LONG_PROMPT, params=greedy())[0]
     assert engine.runner.last_reused == 0
@@ -314,3 +314,32 @@ def test_int8_cached_requests_match_cold_and_stream(int8_engine):
     streamed = "".join(d.text for d in Generation(engine, engine.prepare(LONG_PROMPT, greedy(logprobs=1))))
     assert again.logprobs == cold.logprobs
     assert again.text == cold.text == streamed
+
+
+def test_block_bounds_layout():
+    """Big blocks cover whole multiples of the big size; the tail goes in small blocks."""
+    from app.engine.generate import block_bounds
+
+    assert block_bounds(1) == [0, 1]
+    assert block_bounds(10) == [0, 10]
+    assert block_bounds(300) == [0, 256, 288, 300]
+    assert block_bounds(512) == [0, 256, 512]
+    assert block_bounds(100, big=64, small=16) == [0, 64, 80, 96, 100]
+
+
+@pytest.mark.parametrize("lengths", [(70, 75, 140, 130, 64, 200), (30, 100, 100, 65, 129)])
+def test_prefix_reuse_is_bit_identical_across_block_sizes(engine, lengths):
+    """Growing, shrinking and crossing big-block bounds, a warm prefill equals a cold one bit for bit."""
+    from app.engine.generate import CausalRunner
+
+    ids = engine.tokenizer(SAMPLE_CODE * 3)["input_ids"]
+    warm = CausalRunner(engine.model, engine.device, big_block=64, small_block=16)
+    reused_any = False
+    with torch.inference_mode():
+        for length in lengths:
+            got = warm.prefill(ids[:length])
+            reused_any |= warm.last_reused > 0
+            cold = CausalRunner(engine.model, engine.device, big_block=64, small_block=16)
+            assert torch.equal(got, cold.prefill(ids[:length])), f"prompt of {length} tokens"
+            assert warm.cache.get_seq_length() == length
+    assert reused_any

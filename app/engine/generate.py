@@ -24,6 +24,12 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return size
 
 
+def block_bounds(length: int, big: int = 256, small: int = 32) -> list[int]:
+    """Where prefill blocks start (and the prompt ends): big blocks first, small ones for the tail."""
+    big_end = length - length % big
+    return [*range(0, big_end, big), *range(big_end, length, small), length]
+
+
 class CausalRunner:
     """Runs a decoder-only model with a KV cache; reuses the previous prompt's prefix when it can.
 
@@ -31,61 +37,75 @@ class CausalRunner:
     prompt, so keeping the last cache and cropping it to the shared prefix turns a
     full prefill into a few tokens of work.
 
-    Prompts are fed in blocks that start at multiples of ``block`` and only whole
-    blocks are reused. A reused cache then holds exactly the numbers a cold run
-    computes (same tokens, same shapes), so the output never depends on what the
-    previous request was: the same request gives the same text, cached or not.
+    Prompts are fed in blocks whose bounds depend only on the prompt's length (see
+    :func:`block_bounds`), and a cached prefix is reused only up to a bound where the
+    old and new prompts' blocks agree. A reused cache then holds exactly the numbers a
+    cold run computes (same tokens, same shapes), so the output never depends on what
+    the previous request was. Big blocks keep cold prefill fast; small tail blocks keep
+    the recomputation after a keystroke short.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, reuse_prefix: bool = True, block: int = 64):
+    def __init__(self, model: torch.nn.Module, device: torch.device, reuse_prefix: bool = True,
+                 big_block: int = 256, small_block: int = 32):
         self.model = model
         self.device = device
         self.reuse_prefix = reuse_prefix
-        self.block = block
+        self.big_block, self.small_block = big_block, small_block
         self.cache: DynamicCache | None = None
         self.cached_ids: list[int] = []  # tokens whose keys/values are in self.cache
-        self.reusable = 0  # leading cache positions computed as whole prefill blocks
+        self.bounds: list[int] = []  # block bounds of the cached prompt; empty: nothing reusable
         self.last_reused = 0
 
     def _forward(self, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits
 
+    def _reusable(self, prompt_ids: Sequence[int], bounds: list[int]) -> int:
+        """Index into ``bounds`` of the last block bound whose cached prefix can be kept."""
+        if not (self.reuse_prefix and self.bounds and self.cache.is_croppable):
+            return 0
+        # At least one token must be fed to get logits for the next one.
+        limit = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
+        index = 0
+        for i, (old, new) in enumerate(zip(self.bounds, bounds)):
+            if old != new or new > limit:
+                break
+            index = i
+        return index
+
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Feed the prompt; return logits for the next token [1, vocab]."""
-        reused = 0
-        if self.reuse_prefix and self.reusable and self.cache.is_croppable:
-            # At least one token must be fed to get logits for the next one.
-            shared = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1, self.reusable)
-            reused = shared - shared % self.block
+        bounds = block_bounds(len(prompt_ids), self.big_block, self.small_block)
+        first = self._reusable(prompt_ids, bounds)
+        reused = bounds[first]
         if reused > 0:
             if self.cache.get_seq_length() > reused:
                 self.cache.crop(reused - self.cache.get_seq_length())
         else:
             self.cache = DynamicCache()
-        self.cached_ids, self.reusable, self.last_reused = list(prompt_ids[:reused]), 0, reused
-        for start in range(reused, len(prompt_ids), self.block):
-            chunk = prompt_ids[start:start + self.block]
+        self.cached_ids, self.bounds, self.last_reused = list(prompt_ids[:reused]), [], reused
+        for start, end in zip(bounds[first:], bounds[first + 1:]):
+            chunk = prompt_ids[start:end]
             logits = self._forward(torch.tensor([chunk], device=self.device), 1)[:, -1]
             self.cached_ids.extend(chunk)
-        self.reusable = len(prompt_ids) - len(prompt_ids) % self.block
+        self.bounds = bounds
         return logits
 
     def expand(self, n: int) -> None:
         """Turn the batch-1 prompt cache into ``n`` sequences sharing that prompt."""
         if n > 1:
             self.cache.batch_repeat_interleave(n)
-            self.reusable, self.cached_ids = 0, []  # nothing to reuse next time
+            self.bounds, self.cached_ids = [], []  # nothing to reuse next time
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the cache."""
         self.cache.batch_select_indices(rows)
-        self.reusable, self.cached_ids = 0, []
+        self.bounds, self.cached_ids = [], []
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per live sequence; return next-token logits [batch, vocab]."""
         logits = self._forward(token_ids[:, None], 1)[:, -1]
-        if self.reusable:
+        if self.bounds:
             self.cached_ids.append(int(token_ids[0]))
         return logits
 
@@ -97,7 +117,7 @@ class CausalRunner:
     def forget(self) -> None:
         """Drop the cache (after an error, its contents are not known)."""
         self.cache = None
-        self.reusable, self.cached_ids = 0, []
+        self.bounds, self.cached_ids = [], []
 
 
 class Seq2SeqRunner:
