@@ -41,10 +41,9 @@ def _report(label: str, samples: list[tuple[float, float, int]]) -> None:
 
 def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
     """Print medians over ``runs`` runs (after warm-up) for three typical completion requests."""
-    import torch
-
     engine.warmup()
-    print(f"model {engine.name} on {engine.device}, {torch.get_num_threads()} threads, "
+    threads = f"{engine.threads[0]}/{engine.threads[1]} prefill/decode threads" if engine.threads else "GPU"
+    print(f"model {engine.name} on {engine.device} ({engine.model.dtype}, {threads}), "
           f"{max_tokens}-token greedy completions, median of {runs}")
     cold = []
     for _ in range(runs):

@@ -80,6 +80,7 @@ class Settings:
     timeout: int = 120
     device: str = "auto"
     torch_threads: int | None = None
+    decode_threads: int | None = None
     cache_dir: Path = Path("~/.cache/fauxpilot-lite").expanduser()
     api_keys: tuple[str, ...] = ()
     debug: bool = False
@@ -183,6 +184,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_TIMEOUT": ("timeout", _env_int),
     "FAUXPILOT_DEVICE": ("device", str),
     "FAUXPILOT_TORCH_THREADS": ("torch_threads", _env_int),
+    "FAUXPILOT_DECODE_THREADS": ("decode_threads", _env_int),
     "FAUXPILOT_CACHE_DIR": ("cache_dir", lambda v: Path(v).expanduser()),
     "FAUXPILOT_API_KEYS": ("api_keys", lambda v: tuple(k.strip() for k in v.split(",") if k.strip())),
     "FAUXPILOT_DEBUG": ("debug", _env_bool),

@@ -10,7 +10,7 @@ import torch
 import config
 from app.engine import loader
 from app.engine.loader import ModelLoadError, ResolvedSource, pick_device, resolve_dtype, resolve_source
-from app.workers import free_slot, heartbeat, torch_threads
+from app.workers import free_slot, off_main_thread
 from config import ConfigError, ModelConfig, Settings, load_settings, settings_from_mapping
 
 MINIMAL = """
@@ -190,36 +190,44 @@ def test_free_slot_accepts_iterators():
 
 
 @pytest.mark.parametrize(
-    "configured, workers, cores, threads",
-    [(3, 4, 16, 3), (None, 4, 16, 4), (None, 3, 16, 5), (None, 32, 16, 1), (None, 0, 8, 8), (0, 2, 8, 4)],
+    "torch_threads, decode_threads, workers, cores, plan",
+    [(3, None, 4, 16, (3, 2)), (None, None, 4, 16, (4, 3)), (None, None, 3, 16, (5, 4)),
+     (None, None, 32, 16, (1, 1)), (None, None, 1, 2, (2, 1)), (None, 2, 1, 8, (8, 2)), (1, None, 1, 8, (1, 1))],
 )
-def test_torch_threads(configured, workers, cores, threads):
-    """The configured thread count, else the cores shared among workers (at least one)."""
-    assert torch_threads(configured, workers, cores) == threads
+def test_cpu_threads(torch_threads, decode_threads, workers, cores, plan):
+    """Prefill gets the configured threads or the worker's share of cores; decode one fewer unless set."""
+    settings = Settings(models=(ModelConfig(name="m", source="x"),), workers=workers,
+                        torch_threads=torch_threads, decode_threads=decode_threads)
+    assert loader.cpu_threads(settings, cores) == plan
 
 
-def test_heartbeat_notifies_while_block_runs():
-    """notify is called repeatedly during a slow block and no more once it ends."""
+def test_off_main_thread_notifies_while_work_runs():
+    """notify is called repeatedly while the work runs in another thread, and the work's thread ends."""
     calls = []
     enough = threading.Event()
+    ran_in = []
 
     def notify():
         calls.append(1)
         if len(calls) >= 3:
             enough.set()
 
-    with heartbeat(notify, interval=0.01):
-        assert enough.wait(timeout=10), "heartbeat did not call notify three times"
-    assert len(calls) >= 3
-    assert not any(t.name == "load-heartbeat" for t in threading.enumerate())  # stopped and joined
+    def work():
+        ran_in.append(threading.current_thread().name)
+        assert enough.wait(timeout=10), "notify was not called three times"
+
+    off_main_thread(work, notify, interval=0.01)
+    assert len(calls) >= 3 and ran_in == ["model-load"]
+    assert not any(t.name == "model-load" for t in threading.enumerate())
 
 
-def test_heartbeat_stops_on_error():
-    """An exception in the block propagates and the heartbeat thread is stopped."""
+def test_off_main_thread_reraises_errors():
+    """An exception in the work is raised in the caller."""
+    def work():
+        raise RuntimeError("load failed")
+
     with pytest.raises(RuntimeError, match="load failed"):
-        with heartbeat(lambda: None, interval=0.01):
-            raise RuntimeError("load failed")
-    assert not any(t.name == "load-heartbeat" for t in threading.enumerate())
+        off_main_thread(work, lambda: None, interval=0.01)
 
 
 # -- loader: sources, devices, dtypes ------------------------------------------

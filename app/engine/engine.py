@@ -79,6 +79,7 @@ class Engine:
         device: torch.device,
         *,
         reuse_prefix: bool = True,
+        threads: tuple[int, int] | None = None,
         token_healing: bool = True,
         debug: bool = False,
         max_waiting: int = 8,
@@ -88,6 +89,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.debug = debug
+        self.threads = threads  # CPU intra-op threads for (prefill, decode); None: leave torch's setting
         self.is_seq2seq = config.kind == "seq2seq"
         if self.is_seq2seq:
             self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
@@ -315,9 +317,14 @@ class Generation:
             allowed = job.healing.allowed if job.healing else None
             chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device, first_allowed=allowed)
             first = None
+            if engine.threads:
+                torch.set_num_threads(engine.threads[0])
             try:
                 for deltas in generate(engine.runner, job.prompt_ids, chooser, self.sequences):
-                    first = first or time.perf_counter()
+                    if first is None:
+                        first = time.perf_counter()
+                        if engine.threads:
+                            torch.set_num_threads(engine.threads[1])
                     yield from deltas
             except Exception:
                 engine.runner.forget()
