@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,14 +11,8 @@ PROMPT = "def fibonacci(n):\n"
 OTHER_PROMPT = "hello"
 SERVED_NAMES = ("tiny", "codegen", "copilot-codex", "tiny-fim")
 
-COPILOT_BODY = {
-    "prompt": "# Path: fibonacci.py\ndef fibonacci(n):\n", "suffix": "print(fibonacci(10))\n",
-    "max_tokens": 500, "temperature": 0, "top_p": 1, "n": 1,
-    "stop": ["\ndef ", "\nclass ", "\nif ", "\n\n#"], "stream": True,
-    "extra": {"language": "python", "next_indent": 0, "trim_by_indentation": True,
-              "prompt_tokens": 11, "suffix_tokens": 6},
-    "code_annotations": False,
-}
+# What copilot-language-server 1.539.0 sends (../shared/copilot-requests.md).
+COPILOT_BODY = json.loads((Path(__file__).parent / "data" / "copilot-request.json").read_text())
 COPILOT_HEADERS = {
     "Authorization": "Bearer tid=0123456789abcdef;exp=1795526136;sku=free_limited_copilot;proxy-ep=proxy.local",
     "Openai-Organization": "github-copilot",

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COPILOT_BODY = {
-    "prompt": "# Path: fibonacci.py\ndef fibonacci(n):\n", "suffix": "print(fibonacci(10))\n",
-    "max_tokens": 500, "temperature": 0, "top_p": 1, "n": 1,
-    "stop": ["\ndef ", "\nclass ", "\nif ", "\n\n#"], "stream": True,
-    "extra": {"language": "python", "next_indent": 0, "trim_by_indentation": True,
-              "prompt_tokens": 11, "suffix_tokens": 6},
-    "code_annotations": False,
-}
+# What copilot-language-server 1.539.0 sends (../shared/copilot-requests.md).
+COPILOT_BODY = json.loads((Path(__file__).parent / "data" / "copilot-request.json").read_text())
 
 pytestmark = pytest.mark.slow
 
