@@ -24,6 +24,11 @@ timeout = _settings.timeout
 graceful_timeout = 30
 keepalive = 75
 
+# Control socket (gunicorn >= 25): its default path is shared by every gunicorn of
+# the same user, so a second server (tests, a dev copy) would take it over; the
+# service is managed by signals (systemctl reload sends HUP) instead.
+control_socket_disable = True
+
 # Logging
 accesslog = "-"
 errorlog = "-"

@@ -149,6 +149,7 @@ def test_killed_worker_is_replaced_on_the_same_slot(server, sdk):
     os.kill(old, signal.SIGKILL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and server.worker_pids() in (set(), {old}):
+        assert server.proc.poll() is None, f"gunicorn exited:\n{server.log_path.read_text()}"
         time.sleep(0.2)
     server.wait_ready()
     result = sdk.completions.create(model="codegen", prompt="def add(a, b):\n", max_tokens=8, temperature=0)
