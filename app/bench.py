@@ -47,7 +47,7 @@ def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
           f"{max_tokens}-token greedy completions, median of {runs}")
     cold = []
     for _ in range(runs):
-        engine.runner.forget()
+        engine.forget()
         cold.append(timed_completion(engine, SHORT_PROMPT, max_tokens))
     _report(f"short prompt ({len(engine.encode(SHORT_PROMPT)[0])} tokens), cold", cold)
 
@@ -55,7 +55,7 @@ def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
     size = len(engine.encode(prompt)[0])
     cold = []
     for _ in range(runs):
-        engine.runner.forget()
+        engine.forget()
         cold.append(timed_completion(engine, prompt, max_tokens))
     _report(f"long prompt ({size} tokens), cold", cold)
 

@@ -76,7 +76,7 @@ class Settings:
     models: tuple[ModelConfig, ...]
     bind: str = "0.0.0.0:5000"
     workers: int = 1
-    threads: int = 4
+    threads: int = 16
     timeout: int = 120
     device: str = "auto"
     torch_threads: int | None = None
@@ -85,8 +85,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     debug: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 8
     max_waiting: int = 8
     prefix_cache: bool = True
+    prefix_cache_mb: int = 512
     token_healing: bool = True
 
     def replace(self, **changes: Any) -> "Settings":
@@ -155,8 +157,12 @@ def _validated(settings: Settings) -> Settings:
             if alias in seen:
                 raise ConfigError(f"name {alias!r} is used by both {seen[alias]!r} and {model.name!r}")
             seen[alias] = model.name
-    if settings.workers < 1 or settings.threads < 1:
-        raise ConfigError("workers and threads must be at least 1")
+    for key in ("workers", "threads", "max_batch"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    for key in ("max_waiting", "prefix_cache_mb"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{key} must be at least 0")
     return settings
 
 
@@ -188,8 +194,10 @@ ENV_OVERRIDES = {
     "FAUXPILOT_CACHE_DIR": ("cache_dir", lambda v: Path(v).expanduser()),
     "FAUXPILOT_API_KEYS": ("api_keys", lambda v: tuple(k.strip() for k in v.split(",") if k.strip())),
     "FAUXPILOT_DEBUG": ("debug", _env_bool),
+    "FAUXPILOT_MAX_BATCH": ("max_batch", _env_int),
     "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
     "FAUXPILOT_PREFIX_CACHE": ("prefix_cache", _env_bool),
+    "FAUXPILOT_PREFIX_CACHE_MB": ("prefix_cache_mb", _env_int),
     "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
 }
 

@@ -891,7 +891,7 @@ def test_busy_429(tiny_settings):
     """With max_waiting 0 and the gate held, the next request is a 429; after release it is served."""
     from app import create_app
 
-    app = create_app(tiny_settings.replace(max_waiting=0))
+    app = create_app(tiny_settings.replace(max_batch=1, max_waiting=0))
     client = app.test_client()
     engine = app.extensions["fauxpilot"].get("tiny")
     release = engine.gate.enter()

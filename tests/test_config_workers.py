@@ -50,10 +50,11 @@ def test_defaults(config_file):
     """A file with only models gets the documented server and model defaults."""
     settings = load_settings(environ=config_file())
     assert settings.bind == "0.0.0.0:5000"
-    assert (settings.workers, settings.threads, settings.timeout) == (1, 4, 120)
+    assert (settings.workers, settings.threads, settings.timeout) == (1, 16, 120)
     assert settings.device == "auto" and settings.torch_threads is None
     assert settings.api_keys == () and settings.debug is False
     assert settings.max_waiting == 8 and settings.prefix_cache is True
+    assert (settings.max_batch, settings.prefix_cache_mb) == (8, 512)
     first, second = settings.models
     assert (first.name, first.source, first.aliases) == ("first", "org/first-model", ("codegen", "copilot-codex"))
     assert (first.kind, first.dtype, first.max_tokens, first.fim, first.stop) == ("causal", "auto", 16, None, ())

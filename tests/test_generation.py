@@ -23,7 +23,7 @@ def sampled(seed: int, max_tokens: int = 10, **settings) -> SamplingParams:
 
 def test_greedy_is_deterministic(engine):
     """Greedy completions of the same prompt are identical, cold or warm."""
-    engine.runner.forget()
+    engine.forget()
     first = complete(engine, PROMPT, params=greedy())
     second = complete(engine, PROMPT, params=greedy())
     assert len(first) == 1 and first[0].text
@@ -73,23 +73,23 @@ LONG_PROMPT = SAMPLE_CODE * 2  # 172 tokens with the tiny tokenizer: several pre
 def test_prefix_cache_gives_same_output_as_cold_run(engine):
     """A warm run reusing whole cached blocks gives bit-identical logprobs and text to a cold run."""
     assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.small_block
-    engine.runner.forget()
+    engine.forget()
     complete(engine, LONG_PROMPT[:-20], params=greedy(8))
     warm = complete(engine, LONG_PROMPT, params=greedy())[0]
-    assert engine.runner.last_reused > 0 and engine.runner.last_reused % engine.runner.small_block == 0
-    engine.runner.forget()
+    assert engine.last_reused > 0 and engine.last_reused % engine.runner.small_block == 0
+    engine.forget()
     cold = complete(engine, LONG_PROMPT, params=greedy())[0]
-    assert engine.runner.last_reused == 0
+    assert engine.last_reused == 0
     assert warm.text == cold.text
     assert warm.cumulative_logprob == cold.cumulative_logprob
 
 
 def test_same_request_twice_is_identical(engine):
     """Repeating a request (which reuses its cache) gives the same text and logprobs as the first time."""
-    engine.runner.forget()
+    engine.forget()
     first = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
     second = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
-    assert engine.runner.last_reused > 0
+    assert engine.last_reused > 0
     assert second.text == first.text and second.logprobs == first.logprobs
 
 
@@ -98,8 +98,8 @@ def test_prefix_cache_shorter_prompt(engine):
     complete(engine, LONG_PROMPT, params=greedy(4))
     shorter = LONG_PROMPT[:-40]
     warm = complete(engine, shorter, params=greedy())[0]
-    assert engine.runner.last_reused > 0
-    engine.runner.forget()
+    assert engine.last_reused > 0
+    engine.forget()
     cold = complete(engine, shorter, params=greedy())[0]
     assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
 
@@ -226,7 +226,7 @@ def test_penalties_follow_openai_formula(engine, presence, frequency):
     assert base.count(token) >= 12  # precondition: repetitive
     expected = reference_greedy(engine, PROMPT, 24, presence, frequency, bias)
     params = greedy(24, presence_penalty=presence, frequency_penalty=frequency, logit_bias=tuple(bias.items()))
-    engine.runner.forget()
+    engine.forget()
     result = complete(engine, PROMPT, params=params)[0]
     assert result.text == engine.decode(expected)
     assert expected != base  # the penalties changed the repetitive run
@@ -307,10 +307,10 @@ def int8_engine(tiny_settings):
 def test_int8_cached_requests_match_cold_and_stream(int8_engine):
     """With int8 weights too, a cached repeat, a cold run and a streamed run all give the same text."""
     engine = int8_engine
-    engine.runner.forget()
+    engine.forget()
     cold = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
     again = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
-    assert engine.runner.last_reused > 0
+    assert engine.last_reused > 0
     streamed = "".join(d.text for d in Generation(engine, engine.prepare(LONG_PROMPT, greedy(logprobs=1))))
     assert again.logprobs == cold.logprobs
     assert again.text == cold.text == streamed
@@ -327,19 +327,28 @@ def test_block_bounds_layout():
     assert block_bounds(100, big=64, small=16) == [0, 64, 80, 96, 100]
 
 
+def run_prefill(runner, ids):
+    """Feed a whole prompt through ``runner``; return the finished prefill."""
+    prefill = runner.start(ids)
+    while not prefill.step():
+        pass
+    return prefill
+
+
 @pytest.mark.parametrize("lengths", [(70, 75, 140, 130, 64, 200), (30, 100, 100, 65, 129)])
 def test_prefix_reuse_is_bit_identical_across_block_sizes(engine, lengths):
     """Growing, shrinking and crossing big-block bounds, a warm prefill equals a cold one bit for bit."""
     from app.engine.generate import CausalRunner
+    from app.engine.kvcache import PrefixCache
 
     ids = engine.tokenizer(SAMPLE_CODE * 3)["input_ids"]
-    warm = CausalRunner(engine.model, engine.device, big_block=64, small_block=16)
+    warm = CausalRunner(engine.model, engine.device, PrefixCache(2**30), big_block=64, small_block=16)
     reused_any = False
     with torch.inference_mode():
         for length in lengths:
-            got = warm.prefill(ids[:length])
-            reused_any |= warm.last_reused > 0
-            cold = CausalRunner(engine.model, engine.device, big_block=64, small_block=16)
-            assert torch.equal(got, cold.prefill(ids[:length])), f"prompt of {length} tokens"
-            assert warm.cache.get_seq_length() == length
+            got = run_prefill(warm, ids[:length])
+            reused_any |= got.reused > 0
+            cold = run_prefill(CausalRunner(engine.model, engine.device, big_block=64, small_block=16), ids[:length])
+            assert torch.equal(got.logits, cold.logits), f"prompt of {length} tokens"
+            assert got.cache.get_seq_length() == length
     assert reused_any

@@ -85,7 +85,7 @@ def test_stream_and_whole_agree_with_healing(engine):
     """Streaming deltas and the whole result are identical when healing applies."""
     prompt = _prompt_with_extensible_last_token(engine)
     whole = complete(engine, prompt, params=greedy(16))[0].text
-    engine.runner.forget()
+    engine.forget()
     streamed = "".join(d.text for d in Generation(engine, engine.prepare(prompt, greedy(16))))
     assert streamed == whole
 

@@ -205,7 +205,7 @@ def test_stream_fault_mid_stream(client, engines, monkeypatch):
     """A fault after some tokens ends the stream with an error event then [DONE]; the worker recovers."""
     engine = engines["tiny"]
     expected = greedy(client, max_tokens=8)["choices"][0]["text"]
-    real_decode = engine.runner.decode
+    real_decode = engine.runner.batch.decode
     calls = []
 
     def failing_decode(token_ids):
@@ -214,7 +214,7 @@ def test_stream_fault_mid_stream(client, engines, monkeypatch):
             raise RuntimeError("kaboom-secret-detail")
         return real_decode(token_ids)
 
-    monkeypatch.setattr(engine.runner, "decode", failing_decode)
+    monkeypatch.setattr(engine.runner.batch, "decode", failing_decode)
     response = post(client, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True})
     raw = response.get_data(as_text=True)
     payloads = sse_payloads(response)
@@ -233,10 +233,10 @@ def test_stream_fault_mid_stream(client, engines, monkeypatch):
 
 def test_stream_fault_before_first_token(client, engines, monkeypatch):
     """A fault before anything was generated still gives a 200 stream with an error event and [DONE]."""
-    def failing_prefill(prompt_ids):
+    def failing_start(prompt_ids):
         raise RuntimeError("kaboom-prefill")
 
-    monkeypatch.setattr(engines["tiny"].runner, "prefill", failing_prefill)
+    monkeypatch.setattr(engines["tiny"].runner, "start", failing_start)
     response = post(client, {"prompt": PROMPT, "max_tokens": 4, "stream": True})
     payloads = sse_payloads(response)
     assert len(payloads) == 1

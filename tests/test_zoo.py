@@ -426,9 +426,9 @@ def test_causal_reused_prefix_matches_generate(zoo_engines, name):
     engine = variant(zoo_engines[name], healing=False)
     prompt = SAMPLE_CODE + PROMPT
     job, (cold,), _ = run(engine, prompt)
-    assert engine.runner.last_reused == 0 and len(job.prompt_ids) > 64
+    assert engine.last_reused == 0 and len(job.prompt_ids) > 64
     _, (warm,), _ = run(engine, prompt)
-    assert engine.runner.last_reused > 0
+    assert engine.last_reused > 0
     assert cold == warm == generate_causal(engine, job.prompt_ids)
 
 
@@ -478,8 +478,9 @@ def test_codet5p_decoder_is_fed_the_prompt(zoo_engines):
     assert result.text == expected_text(engine, expected)
     # The first step's logits are the model's after [start] + prompt in the decoder.
     with torch.inference_mode():
-        engine.runner.forget()
-        logits = engine.runner.prefill(job.prompt_ids)
+        prefill = engine.runner.start(job.prompt_ids)
+        prefill.step()
+        logits = prefill.logits
         direct = engine.model(input_ids=ids, decoder_input_ids=torch.tensor([[start, *job.prompt_ids]])).logits[:, -1]
     assert torch.allclose(logits, direct, atol=1e-5)
 

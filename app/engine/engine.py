@@ -13,11 +13,13 @@ import torch
 from config import ModelConfig
 
 from ..errors import InvalidRequestError, ServerBusyError
-from .generate import CausalRunner, Seq2SeqRunner, generate
+from .generate import CausalRunner, Seq2SeqRunner
 from .healing import Healing, TokenHealer
+from .kvcache import PrefixCache
 from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, special_token_id
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
+from .scheduler import DONE, Scheduler, Work
 from .stopping import StopCondition
 from .text import IncrementalDetokenizer, SequenceState
 
@@ -44,10 +46,10 @@ class Job:
 
 
 class Gate:
-    """Counts requests in a worker and refuses new ones past a limit (one runs, the rest wait)."""
+    """Counts a model's requests in a worker and refuses new ones past a limit (running plus waiting)."""
 
-    def __init__(self, max_waiting: int):
-        self.limit = max_waiting + 1
+    def __init__(self, limit: int):
+        self.limit = limit
         self.count = 0
         self._mutex = threading.Lock()
 
@@ -69,7 +71,7 @@ class Gate:
 
 
 class Engine:
-    """A loaded model and tokenizer, ready to complete prompts one request at a time."""
+    """A loaded model and tokenizer, completing the prompts of many requests in one batch."""
 
     def __init__(
         self,
@@ -82,27 +84,31 @@ class Engine:
         threads: tuple[int, int] | None = None,
         token_healing: bool = True,
         debug: bool = False,
+        max_batch: int = 8,
         max_waiting: int = 8,
+        prefix_cache_bytes: int = 512 * 2**20,
     ):
         self.config = config
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.debug = debug
-        self.threads = threads  # CPU intra-op threads for (prefill, decode); None: leave torch's setting
         self.is_seq2seq = config.kind == "seq2seq"
         if self.is_seq2seq:
             self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
         else:
-            self.runner = CausalRunner(self.model, device, reuse_prefix)
+            prefix_cache = PrefixCache(prefix_cache_bytes) if reuse_prefix else None
+            self.runner = CausalRunner(self.model, device, prefix_cache)
+        # CPU intra-op threads for (prefill, decode); None leaves torch's setting.
+        self.scheduler = Scheduler(self.runner, max_batch, threads, config.name)
+        self.last_reused = 0  # prompt tokens the last finished request took from the prefix cache
         self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
         head = self.model.get_output_embeddings()
         self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
         self.eos_ids, self.stop_strings = self._stops()
         self.healer = TokenHealer(tokenizer, self.decode) if token_healing and not self.is_seq2seq else None
-        self.gate = Gate(max_waiting)
-        self._lock = threading.Lock()  # one generation at a time owns the model and its cache
+        self.gate = Gate(max_batch + max_waiting)
 
     @property
     def name(self) -> str:
@@ -234,10 +240,14 @@ class Engine:
     def warmup(self, rounds: int = 2) -> None:
         """Run short greedy completions so the first real request does not pay first-touch costs."""
         for _ in range(rounds):
-            self.runner.forget()
+            self.forget()
             self.complete(self.prepare("def hello():\n", SamplingParams(max_tokens=8, temperature=0.0),
                                        request_id="warmup"))
-        self.runner.forget()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the cached prompts (between requests, on the scheduler's thread)."""
+        self.scheduler.call(self.runner.forget)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as shown in logprobs."""
@@ -297,40 +307,35 @@ class Generation:
 
     def __iter__(self) -> Iterator[Delta]:
         engine, job = self.engine, self.job
-        with engine._lock:
-            started = time.perf_counter()
-            if engine.debug:
-                log.info("[%s] model prompt (fim=%s): %r", job.request_id, job.used_fim,
-                         engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False))
-                log.info("[%s] prompt ids: %s", job.request_id, list(job.prompt_ids))
-                if job.healing:
-                    log.info("[%s] token healing: last prompt token %r removed; first token from %d candidates",
-                             job.request_id, job.healing.text, len(job.healing.allowed))
-            self.sequences = [self._sequence(i) for i in range(job.n)]
-            if job.echo:
-                yield from self._echo()
-            if job.params.max_tokens == 0:
-                for seq in self.sequences:
-                    seq.finish_reason = "length"
-                    yield Delta(seq.index, "", (), "length")
-                return
-            allowed = job.healing.allowed if job.healing else None
-            chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device, first_allowed=allowed)
-            first = None
-            if engine.threads:
-                torch.set_num_threads(engine.threads[0])
-            try:
-                for deltas in generate(engine.runner, job.prompt_ids, chooser, self.sequences):
-                    if first is None:
-                        first = time.perf_counter()
-                        if engine.threads:
-                            torch.set_num_threads(engine.threads[1])
-                    yield from deltas
-            except Exception:
-                engine.runner.forget()
-                raise
-            finally:
-                self._log_timing(started, first)
+        if engine.debug:
+            log.info("[%s] model prompt (fim=%s): %r", job.request_id, job.used_fim,
+                     engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False))
+            log.info("[%s] prompt ids: %s", job.request_id, list(job.prompt_ids))
+            if job.healing:
+                log.info("[%s] token healing: last prompt token %r removed; first token from %d candidates",
+                         job.request_id, job.healing.text, len(job.healing.allowed))
+        self.sequences = [self._sequence(i) for i in range(job.n)]
+        if job.echo:
+            yield from self._echo()
+        if job.params.max_tokens == 0:
+            for seq in self.sequences:
+                seq.finish_reason = "length"
+                yield Delta(seq.index, "", (), "length")
+            return
+        allowed = job.healing.allowed if job.healing else None
+        chooser = TokenChooser(job.params, engine.vocab_size, job.n, engine.device, first_allowed=allowed)
+        work = Work(job.request_id, job.prompt_ids, self.sequences, chooser)
+        engine.scheduler.submit(work)
+        item = None
+        try:
+            while (item := work.out.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            work.cancel()  # a no-op once done; else the client went away
+            engine.last_reused = work.reused
+            self._log_timing(work, cancelled=item is not DONE and not isinstance(item, BaseException))
 
     def _sequence(self, index: int) -> SequenceState:
         engine, job = self.engine, self.job
@@ -345,21 +350,24 @@ class Generation:
 
     def _echo(self) -> Iterator[Delta]:
         if self.job.params.logprobs is not None:
-            with torch.inference_mode():
-                self.echo_logprobs = self.engine.prompt_logprobs(self.job)
+            self.echo_logprobs = self.engine.scheduler.call(lambda: self.engine.prompt_logprobs(self.job))
         for seq in self.sequences:
             yield Delta(seq.index, self.job.prompt, tuple(self.echo_logprobs))
 
-    def _log_timing(self, started: float, first: float | None) -> None:
-        end = time.perf_counter()
+    def _log_timing(self, work: Work, cancelled: bool) -> None:
         job, engine = self.job, self.engine
         generated = self.completion_tokens
-        ttft = (first - started) if first else float("nan")
+        end = work.finished or time.perf_counter()
+        first = work.first_token
+        queued = ((work.started or end) - work.submitted) * 1000
+        ttft = (first - work.submitted) * 1000 if first else float("nan")
         rate = (generated - len(self.sequences)) / (end - first) if first and end > first else float("nan")
+        running, waiting = engine.scheduler.load
         log.info(
-            "[%s] %s: %d prompt tokens (%d reused), %d generated, first token %.0f ms, %.1f tok/s, total %.0f ms",
-            job.request_id, engine.name, len(job.prompt_ids), engine.runner.last_reused, generated,
-            ttft * 1000, rate, (end - started) * 1000,
+            "[%s] %s: %d prompt tokens (%d reused), %d generated, queued %.0f ms, first token %.0f ms, %.1f tok/s, "
+            "total %.0f ms%s (batch: %d running, %d waiting)",
+            job.request_id, engine.name, len(job.prompt_ids), work.reused, generated, queued, ttft, rate,
+            (end - work.submitted) * 1000, ", cancelled" if cancelled else "", running, waiting,
         )
         if engine.debug:
             for seq in self.sequences:

@@ -1,0 +1,137 @@
+"""Key/value caches: an LRU of recent prompts' caches under a byte budget, and cache tensor helpers."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens two id sequences share."""
+    size = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        size += 1
+    return size
+
+
+def block_bounds(length: int, big: int = 256, small: int = 32) -> list[int]:
+    """Where prefill blocks start (and the prompt ends): big blocks first, small ones for the tail."""
+    big_end = length - length % big
+    return [*range(0, big_end, big), *range(big_end, length, small), length]
+
+
+def reusable_bound(cached_ids: Sequence[int], cached_bounds: Sequence[int], ids: Sequence[int],
+                   bounds: Sequence[int]) -> int:
+    """Index into ``bounds`` of the last block bound up to which a cached prompt's keys/values can be kept.
+
+    Reuse stops where the two prompts' tokens or block layouts part, and before the
+    last token (which must be fed again to get the next token's logits).
+    """
+    limit = min(common_prefix_length(cached_ids, ids), len(ids) - 1)
+    index = 0
+    for i, (old, new) in enumerate(zip(cached_bounds, bounds)):
+        if old != new or new > limit:
+            break
+        index = i
+    return index
+
+
+def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer, each [batch, heads, length, head_dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A new DynamicCache over the given per-layer keys and values (no copy)."""
+    cache = DynamicCache()
+    for keys, values in tensors:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by a cache's keys and values."""
+    return sum(k.nbytes + v.nbytes for k, v in layer_tensors(cache))
+
+
+def is_plain(cache: DynamicCache) -> bool:
+    """Whether every layer is a full (not sliding-window or quantized) layer that can be cut and joined."""
+    return all(layer.is_croppable and not layer.is_sliding for layer in cache.layers)
+
+
+@dataclass
+class Entry:
+    """One cached prompt: its token ids, its prefill block bounds and its keys/values (batch 1)."""
+
+    ids: tuple[int, ...]
+    bounds: tuple[int, ...]
+    cache: DynamicCache
+    nbytes: int
+
+
+class PrefixCache:
+    """The keys/values of recent prompts, least recently used dropped first to stay under a byte budget.
+
+    Editors send a new request at almost every keystroke, each prompt extending (or
+    slightly editing) an earlier one; starting from the best cached prefix turns a
+    full prefill into a few blocks of work. Entries are never changed in place: a
+    reuse takes a prefix of the tensors, and the cache that grows from it is new.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, ids: Sequence[int], bounds: Sequence[int]) -> tuple[int, DynamicCache | None]:
+        """Best reusable block index into ``bounds`` and a new cache holding that prefix (None: nothing)."""
+        best, found = 0, None
+        for entry in self.entries.values():
+            index = reusable_bound(entry.ids, entry.bounds, ids, bounds)
+            if index > best:
+                best, found = index, entry
+        if found is None:
+            self.misses += 1
+            return 0, None
+        self.hits += 1
+        self.entries.move_to_end(found.ids)
+        length = bounds[best]
+        return best, cache_from_tensors([(k[:, :, :length], v[:, :, :length]) for k, v in layer_tensors(found.cache)])
+
+    def store(self, ids: Sequence[int], bounds: Sequence[int], cache: DynamicCache) -> None:
+        """Keep ``cache`` (exactly the keys/values of ``ids``) for later prompts, evicting old ones."""
+        if not is_plain(cache):
+            return
+        key = tuple(ids)
+        nbytes = cache_bytes(cache)
+        if nbytes > self.budget:
+            return
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self.entries[key] = Entry(key, tuple(bounds), cache, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.budget:
+            _, evicted = self.entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self.entries.clear()
+        self.nbytes = 0

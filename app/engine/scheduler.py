@@ -1,0 +1,265 @@
+"""Continuous batching: one thread per model owns it and advances every running sequence together.
+
+Request threads :meth:`Scheduler.submit` a :class:`Work` and read its deltas from
+``work.out``. Between decode steps the scheduler admits waiting work, feeds one
+prompt block of a newcomer (so a long prompt stalls the others for one block, not
+for its whole prefill), drops work whose client went away, and runs one batched
+forward for all running sequences.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from .params import Delta
+from .sampling import Choice, TokenChooser
+from .text import SequenceState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DONE = object()  # put on ``work.out`` after the last deltas
+
+
+class Work:
+    """One job inside the scheduler: its sequences, its token chooser, and the queue of its deltas."""
+
+    def __init__(self, request_id: str, prompt_ids: Sequence[int], sequences: list[SequenceState],
+                 chooser: TokenChooser):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.sequences = sequences
+        self.chooser = chooser
+        self.out: queue.SimpleQueue = queue.SimpleQueue()  # lists of deltas, then DONE or an exception
+        self.alive: list[int] = []  # indexes of sequences in the batch, in row order
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.started = self.first_token = self.finished = None
+        self.reused = 0
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this work at its next step (the client went away)."""
+        self.cancelled.set()
+
+
+def step_sequences(choice: Choice, live: list[SequenceState]) -> tuple[list[Delta], list[int]]:
+    """Push each chosen token into its sequence; return the deltas and the rows still running."""
+    token_ids = choice.token_ids.tolist()
+    logprobs = choice.logprobs.tolist()
+    tops = [()] * len(live)
+    if choice.top_ids is not None:
+        tops = [tuple(zip(i, lp)) for i, lp in zip(choice.top_ids.tolist(), choice.top_logprobs.tolist())]
+    deltas, keep = [], []
+    for row, seq in enumerate(live):
+        delta = seq.push(token_ids[row], logprobs[row], tops[row])
+        if delta is not None:
+            deltas.append(delta)
+        if not seq.finished:
+            keep.append(row)
+    return deltas, keep
+
+
+class Scheduler:
+    """Owns a runner's model in one thread; decodes the sequences of all admitted work in one batch."""
+
+    def __init__(self, runner, max_rows: int = 8, threads: tuple[int, int] | None = None, name: str = "model"):
+        self.runner = runner
+        self.max_rows = max_rows
+        self.threads = threads  # CPU threads for (prefill, decode); None leaves torch's setting
+        self.name = name
+        self._cv = threading.Condition()
+        self._inbox: collections.deque = collections.deque()  # Work, or (callable, future)
+        self._waiting: collections.deque[Work] = collections.deque()
+        self._prefilling: tuple[Work, object] | None = None
+        self._running: list[Work] = []  # in batch row order
+        self._tokens: list[int] = []  # the next token to feed, per batch row
+        self._thread: threading.Thread | None = None
+
+    # -- the request threads' side --------------------------------------------
+
+    def submit(self, work: Work) -> None:
+        """Queue work; its deltas arrive on ``work.out``."""
+        self._post(work)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the scheduler's thread between steps (for other uses of the model) and return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._post((fn, future))
+        return future.result()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(sequences decoding, jobs waiting or prefilling): a snapshot for logs and metrics."""
+        return len(self._tokens), len(self._waiting) + len(self._inbox) + (self._prefilling is not None)
+
+    def _post(self, item) -> None:
+        with self._cv:
+            self._inbox.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.name}", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    # -- the scheduler thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                self._collect()
+                self._drop_cancelled()
+                self._admit()
+                if self._prefilling is not None:
+                    self._prefill_step()
+                if self._running:
+                    self._decode_step()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def _collect(self) -> None:
+        """Take new work and calls from the inbox; sleep while there is nothing at all to do."""
+        with self._cv:
+            while not self._inbox and not self._busy():
+                self._cv.wait()
+            items = list(self._inbox)
+            self._inbox.clear()
+        for item in items:
+            if isinstance(item, Work):
+                self._waiting.append(item)
+            else:
+                fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        self._set_threads(0)
+                        future.set_result(fn())
+                    except Exception as exc:  # handed to the caller's thread
+                        future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        for work in [w for w in self._waiting if w.cancelled.is_set()]:
+            self._waiting.remove(work)
+            self._finish(work)
+        if self._prefilling and self._prefilling[0].cancelled.is_set():
+            self._finish(self._prefilling[0])
+            self._prefilling = None
+        if not any(w.cancelled.is_set() for w in self._running):
+            return
+        rows, tokens, running, offset = [], [], [], 0
+        for work in self._running:
+            size = len(work.alive)
+            if work.cancelled.is_set():
+                self._finish(work)
+            else:
+                rows.extend(range(offset, offset + size))
+                tokens.extend(self._tokens[offset:offset + size])
+                running.append(work)
+            offset += size
+        self._shrink(rows, tokens, running)
+
+    def _admit(self) -> None:
+        """Start the next waiting prompt when its sequences fit in the batch."""
+        if self._prefilling is not None or not self._waiting:
+            return
+        work = self._waiting[0]
+        rows = len(self._tokens)
+        fits = rows == 0 or (rows + len(work.sequences) <= self.max_rows and self.runner.batch.can_join())
+        if fits:
+            self._waiting.popleft()
+            work.started = time.perf_counter()
+            try:
+                prefill = self.runner.start(work.prompt_ids)
+            except Exception as exc:
+                self._fail([work], exc)
+                return
+            work.reused = prefill.reused
+            self._prefilling = (work, prefill)
+
+    def _prefill_step(self) -> None:
+        """Feed one block of the newcomer's prompt; when it is all in, choose its first tokens and let it join."""
+        work, prefill = self._prefilling
+        try:
+            self._set_threads(0)
+            if not prefill.step():
+                return
+            self._prefilling = None
+            logits = prefill.logits.expand(len(work.sequences), -1)
+            choice = work.chooser(logits)
+            work.first_token = time.perf_counter()
+            deltas, keep = step_sequences(choice, work.sequences)
+        except Exception as exc:
+            self._prefilling = None
+            self._fail([work], exc)
+            return
+        if deltas:
+            work.out.put(deltas)
+        if not keep:
+            self._finish(work)
+            return
+        if len(keep) < len(work.sequences):
+            work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
+        work.alive = keep
+        try:
+            self.runner.batch.join(prefill, len(keep))
+        except Exception as exc:
+            self._fail([work], exc)
+            return
+        self._running.append(work)
+        self._tokens.extend(choice.token_ids[keep].tolist())
+
+    def _decode_step(self) -> None:
+        """One forward for every running sequence; each work's chooser picks its own rows' tokens."""
+        try:
+            self._set_threads(1 if len(self._tokens) == 1 else 0)
+            logits = self.runner.batch.decode(torch.tensor(self._tokens, device=self.runner.device))
+            rows, tokens, running, finished, offset = [], [], [], [], 0
+            for work in self._running:
+                size = len(work.alive)
+                choice = work.chooser(logits[offset:offset + size])
+                deltas, keep = step_sequences(choice, [work.sequences[i] for i in work.alive])
+                if deltas:
+                    work.out.put(deltas)
+                if keep:
+                    if len(keep) < size:
+                        work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
+                        work.alive = [work.alive[k] for k in keep]
+                    rows.extend(offset + k for k in keep)
+                    tokens.extend(choice.token_ids[keep].tolist())
+                    running.append(work)
+                else:
+                    finished.append(work)
+                offset += size
+            self._shrink(rows, tokens, running)
+        except Exception as exc:
+            running, self._running, self._tokens = self._running, [], []
+            self.runner.batch.reset()
+            self._fail(running, exc)
+            return
+        for work in finished:
+            self._finish(work)
+
+    def _shrink(self, rows: list[int], tokens: list[int], running: list[Work]) -> None:
+        """Keep only the given batch rows, with their next tokens and their work."""
+        if len(rows) < len(self._tokens):
+            self.runner.batch.keep(rows)
+        self._running, self._tokens = running, tokens
+
+    def _finish(self, work: Work) -> None:
+        work.finished = time.perf_counter()
+        work.out.put(DONE)
+
+    def _fail(self, works: list[Work], exc: Exception) -> None:
+        log.error("%s: generation failed for %s: %r", self.name, ", ".join(w.request_id for w in works), exc)
+        for work in works:
+            work.finished = time.perf_counter()
+            work.out.put(exc)
+
+    def _set_threads(self, phase: int) -> None:
+        if self.threads and torch.get_num_threads() != self.threads[phase]:
+            torch.set_num_threads(self.threads[phase])
