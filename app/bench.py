@@ -42,7 +42,7 @@ def _report(label: str, samples: list[tuple[float, float, int]]) -> None:
 def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
     """Print medians over ``runs`` runs (after warm-up) for three typical completion requests."""
     engine.warmup()
-    threads = f"{engine.threads[0]}/{engine.threads[1]} prefill/decode threads" if engine.threads else "GPU"
+    threads = f"{engine.scheduler.threads[0]}/{engine.scheduler.threads[1]} prefill/decode threads" if engine.scheduler.threads else "GPU"
     print(f"model {engine.name} on {engine.device} ({threads}), "
           f"{max_tokens}-token greedy completions, median of {runs}")
     cold = []

@@ -1,0 +1,253 @@
+"""Continuous batching, the prefix cache and cancellation, with the tiny model."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from app.engine import Generation, SamplingParams
+from app.engine.kvcache import PrefixCache, block_bounds, cache_bytes, cache_from_tensors, layer_tensors
+from tests.tiny_models import SAMPLE_CODE
+
+PROMPTS = ["x = 1", "def add(a, b):\n", SAMPLE_CODE, "import os\nimport sys\n\n", SAMPLE_CODE[:90]]
+
+
+def greedy(max_tokens: int = 20, **settings) -> SamplingParams:
+    """Greedy sampling parameters."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **settings)
+
+
+def no_eos(engine, max_tokens: int, **settings) -> SamplingParams:
+    """Greedy parameters that generate exactly ``max_tokens`` tokens (end-of-sequence banned)."""
+    return greedy(max_tokens, logit_bias=tuple((t, -100.0) for t in sorted(engine.eos_ids)), **settings)
+
+
+def alone(engine, job):
+    """Run one job with nothing else in the scheduler."""
+    engine.forget()
+    generation = Generation(engine, job)
+    list(generation)
+    return generation.results()
+
+
+class Recorder:
+    """Wraps the runner's batch decode and prefill steps to record what the scheduler did, in order."""
+
+    def __init__(self, engine, monkeypatch):
+        self.events: list[tuple[str, int]] = []
+        batch = engine.runner.batch
+        real_decode = batch.decode
+
+        def decode(token_ids):
+            self.events.append(("decode", token_ids.shape[0]))
+            return real_decode(token_ids)
+
+        monkeypatch.setattr(batch, "decode", decode)
+        real_start = engine.runner.start
+
+        def start(prompt_ids):
+            prefill = real_start(prompt_ids)
+            real_step = prefill.step
+
+            def step():
+                self.events.append(("prefill", len(prompt_ids)))
+                return real_step()
+
+            prefill.step = step
+            return prefill
+
+        monkeypatch.setattr(engine.runner, "start", start)
+
+    @property
+    def max_rows(self) -> int:
+        """The largest batch decoded."""
+        return max((rows for kind, rows in self.events if kind == "decode"), default=0)
+
+
+def run_together(engine, jobs):
+    """Submit every job while the scheduler is held, so they all run in one batch; return each one's results."""
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
+    holder.start()
+    assert entered.wait(30)
+    generations = [Generation(engine, job) for job in jobs]
+    threads = [threading.Thread(target=list, args=(g,)) for g in generations]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while engine.scheduler.load[1] < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    for thread in threads + [holder]:
+        thread.join(60)
+    return [g.results() for g in generations]
+
+
+def test_batched_greedy_equals_unbatched(engine, monkeypatch):
+    """Prompts of different lengths decoded together give exactly what each gives alone."""
+    jobs = [engine.prepare(p, greedy(24)) for p in PROMPTS]
+    expected = [alone(engine, job) for job in jobs]
+    recorder = Recorder(engine, monkeypatch)
+    engine.forget()
+    together = run_together(engine, jobs)
+    assert recorder.max_rows == len(jobs)
+    for want, got in zip(expected, together):
+        assert [r.text for r in got] == [r.text for r in want]
+        assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+        assert [r.cumulative_logprob for r in got] == pytest.approx([r.cumulative_logprob for r in want], abs=1e-3)
+
+
+def test_batched_mixed_settings_equal_unbatched(engine):
+    """Stops, n > 1 with seeds, logit bias and penalties keep per-request semantics inside one batch."""
+    jobs = [
+        engine.prepare(PROMPTS[0], greedy(30, stop=("e",))),
+        engine.prepare(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.8, seed=5), n=3),
+        engine.prepare(PROMPTS[2], no_eos(engine, 16, frequency_penalty=1.5)),
+        engine.prepare(PROMPTS[3], greedy(5, logprobs=2)),
+    ]
+    expected = [alone(engine, job) for job in jobs]
+    engine.forget()
+    together = run_together(engine, jobs)
+    for want, got in zip(expected, together):
+        assert [(r.index, r.text, r.finish_reason) for r in got] == [(r.index, r.text, r.finish_reason) for r in want]
+    assert all("e" not in r.text for r in together[0])
+    assert [r.completion_tokens for r in together[2]] == [16]
+    assert [len(entry.top) for entry in together[3][0].logprobs] == [2] * together[3][0].completion_tokens
+
+
+def test_batch_respects_max_rows(tiny_settings, monkeypatch):
+    """No more than max_batch sequences decode together; the rest wait their turn and still finish."""
+    from app.engine.loader import load_engine
+
+    engine = load_engine(tiny_settings.models[0], tiny_settings.replace(max_batch=2))
+    recorder = Recorder(engine, monkeypatch)
+    jobs = [engine.prepare(p, no_eos(engine, 6)) for p in PROMPTS]
+    results = run_together(engine, jobs)
+    assert recorder.max_rows == 2
+    assert [r[0].completion_tokens for r in results] == [6] * len(PROMPTS)
+
+
+def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
+    """A newcomer's prompt blocks alternate with decode steps of the running sequences."""
+    engine.forget()
+    long_prompt = SAMPLE_CODE * 2  # several 32-token blocks
+    jobs = [engine.prepare("x = 1", no_eos(engine, 40)), engine.prepare(long_prompt, no_eos(engine, 4))]
+    assert len(jobs[1].prompt_ids) > 4 * engine.runner.small_block
+    recorder = Recorder(engine, monkeypatch)
+    run_together(engine, jobs)
+    kinds = [(kind, size) for kind, size in recorder.events]
+    long_blocks = [i for i, (kind, size) in enumerate(kinds) if kind == "prefill" and size == len(jobs[1].prompt_ids)]
+    assert len(long_blocks) > 3
+    between = kinds[long_blocks[0]:long_blocks[-1]]
+    assert sum(kind == "decode" for kind, _ in between) >= len(long_blocks) - 1
+
+
+def test_cancelled_work_stops_within_one_step(engine, monkeypatch):
+    """Closing a stream drops its sequence at the next step and frees its row; the other goes on."""
+    recorder = Recorder(engine, monkeypatch)
+    engine.forget()
+    keep = Generation(engine, engine.prepare(PROMPTS[1], no_eos(engine, 60)))
+    keep_thread = threading.Thread(target=list, args=(keep,))
+    drop = iter(Generation(engine, engine.prepare(PROMPTS[0], no_eos(engine, 200))))
+    next(drop)
+    keep_thread.start()
+    while recorder.max_rows < 2:
+        time.sleep(0.001)
+    drop.close()
+    steps_at_cancel = len(recorder.events)
+    engine.scheduler.call(lambda: None)  # one scheduler iteration later, the row is gone
+    engine.scheduler.call(lambda: None)
+    two_row_steps = [i for i, (kind, rows) in enumerate(recorder.events) if kind == "decode" and rows == 2]
+    assert max(two_row_steps) <= steps_at_cancel
+    keep_thread.join(60)
+    assert keep.results()[0].completion_tokens == 60
+    assert engine.scheduler.load == (0, 0) and engine.runner.batch.rows == 0
+
+
+def test_failed_step_fails_its_work_and_the_scheduler_goes_on(engine, monkeypatch):
+    """An exception inside a decode step reaches the waiting request; the next request runs normally."""
+    expected = alone(engine, engine.prepare(PROMPTS[0], greedy(6)))[0].text
+    real_decode = engine.runner.batch.decode
+    calls = []
+
+    def failing(token_ids):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_decode(token_ids)
+
+    monkeypatch.setattr(engine.runner.batch, "decode", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        list(Generation(engine, engine.prepare(PROMPTS[0], greedy(6))))
+    assert alone(engine, engine.prepare(PROMPTS[0], greedy(6)))[0].text == expected
+
+
+# -- the prefix cache, without a model ---------------------------------------------
+
+
+def fake_cache(length: int, fill: float = 1.0, layers: int = 2) -> object:
+    """A DynamicCache of ``layers`` layers holding ``length`` positions of distinct values."""
+    base = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1) + fill
+    return cache_from_tensors([(base.expand(1, 2, length, 4).clone(), -base.expand(1, 2, length, 4).clone())
+                               for _ in range(layers)])
+
+
+def test_prefix_cache_picks_the_longest_agreeing_prefix():
+    """Among entries, the one sharing the most whole blocks wins, and the copy holds exactly that prefix."""
+    cache = PrefixCache(2**30)
+    short_ids = list(range(100))
+    long_ids = list(range(200))
+    other = [7] * 200
+    for ids, fill in ((short_ids, 1.0), (long_ids, 2.0), (other, 3.0)):
+        cache.store(ids, block_bounds(len(ids), 64, 16), fake_cache(len(ids), fill))
+    ids = long_ids[:190] + [999] * 20  # parts from long_ids after 190 tokens
+    bounds = block_bounds(len(ids), 64, 16)
+    index, prefix = cache.lookup(ids, bounds)
+    # Both layouts put bounds at 0, 64, 128, 192; the prompts part at 190. (The short entry gives only 64.)
+    assert bounds[index] == 128
+    keys, values = layer_tensors(prefix)[0]
+    assert keys.shape[2] == 128 and torch.equal(keys[0, 0, :, 0], torch.arange(128.0) + 2.0)
+    assert cache.hits == 1 and cache.misses == 0
+    assert cache.lookup([5, 6, 7], block_bounds(3, 64, 16)) == (0, None)
+    assert cache.misses == 1
+
+
+def test_prefix_cache_entries_are_not_changed_by_reuse():
+    """Growing a reused prefix (as prefill does) leaves the stored entry as it was."""
+    cache = PrefixCache(2**30)
+    ids = list(range(100))
+    cache.store(ids, block_bounds(100, 64, 16), fake_cache(100))
+    _, prefix = cache.lookup(ids + [1, 2, 3], block_bounds(103, 64, 16))
+    prefix.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    stored = layer_tensors(cache.entries[tuple(ids)].cache)[0][0]
+    assert stored.shape[2] == 100 and torch.equal(stored[0, 0, :, 0], torch.arange(100.0) + 1.0)
+
+
+def test_prefix_cache_stays_under_its_budget():
+    """Least recently used entries go first; an entry bigger than the whole budget is not kept."""
+    one = cache_bytes(fake_cache(100))
+    cache = PrefixCache(int(2.5 * one))
+    prompts = [[i] * 100 for i in range(4)]
+    for i, ids in enumerate(prompts[:2]):
+        cache.store(ids, block_bounds(100, 64, 16), fake_cache(100, float(i)))
+    cache.lookup(prompts[0], block_bounds(100, 64, 16))  # 0 is now the most recently used
+    cache.store(prompts[2], block_bounds(100, 64, 16), fake_cache(100, 2.0))
+    assert set(cache.entries) == {tuple(prompts[0]), tuple(prompts[2])}
+    assert cache.nbytes <= cache.budget
+    cache.store([9] * 300, block_bounds(300, 64, 16), fake_cache(300))
+    assert tuple([9] * 300) not in cache.entries and cache.nbytes <= cache.budget
+
+
+def test_engine_prefix_cache_budget_under_many_prompts(tiny_settings):
+    """Serving many different prompts, the engine's cache never holds more than its budget."""
+    from app.engine.loader import load_engine
+
+    engine = load_engine(tiny_settings.models[0], tiny_settings.replace(prefix_cache_mb=1))
+    prefix_cache = engine.runner.prefix_cache
+    for i in range(12):
+        alone_prompt = f"# file {i}\n" + SAMPLE_CODE * 2
+        list(Generation(engine, engine.prepare(alone_prompt, greedy(2))))
+        assert prefix_cache.nbytes <= prefix_cache.budget == 2**20
+    assert 0 < len(prefix_cache) < 12
