@@ -251,3 +251,19 @@ def test_engine_prefix_cache_budget_under_many_prompts(tiny_settings):
         list(Generation(engine, engine.prepare(alone_prompt, greedy(2))))
         assert prefix_cache.nbytes <= prefix_cache.budget == 2**20
     assert 0 < len(prefix_cache) < 12
+
+
+def test_growing_cache_layer_appends_like_concatenation():
+    """In-place appends give the keys/values torch.cat would, across regrowth, leaving the source untouched."""
+    source = fake_cache(5)
+    keys, values = layer_tensors(source)[0]
+    before = keys.clone()
+    grown = cache_from_tensors(layer_tensors(source), growing=True)
+    expected_keys, expected_values = keys, values
+    for step in range(100):  # past the first capacity: the buffer is reallocated
+        new = torch.full((1, 2, 1, 4), float(step))
+        got_keys, got_values = grown.update(new, -new, 0)
+        expected_keys, expected_values = torch.cat([expected_keys, new], 2), torch.cat([expected_values, -new], 2)
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+    assert grown.get_seq_length() == 105
+    assert torch.equal(keys, before)

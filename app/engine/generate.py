@@ -96,14 +96,14 @@ class CausalBatch:
                for k, v in layer_tensors(prefill.cache)]
         new_mask = torch.ones(rows, new[0][0].shape[2], dtype=torch.long, device=self.device)
         if self.mask is None:
-            self.cache, self.mask = cache_from_tensors(new), new_mask
+            self.cache, self.mask = cache_from_tensors(new, growing=True), new_mask
             return
         length = max(self.mask.shape[1], new_mask.shape[1])
         self.cache = cache_from_tensors([
             (torch.cat([left_pad(k, length, 2), left_pad(nk, length, 2)]),
              torch.cat([left_pad(v, length, 2), left_pad(nv, length, 2)]))
             for (k, v), (nk, nv) in zip(layer_tensors(self.cache), new)
-        ])
+        ], growing=True)
         self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(new_mask, length, 1)])
 
     def keep(self, rows: Sequence[int]) -> None:
@@ -115,7 +115,7 @@ class CausalBatch:
         mask = self.mask[index]
         start = int(mask.any(0).nonzero()[0])
         self.cache = cache_from_tensors([(k[index, :, start:], v[index, :, start:])
-                                         for k, v in layer_tensors(self.cache)])
+                                         for k, v in layer_tensors(self.cache)], growing=True)
         self.mask = mask[:, start:]
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -50,13 +50,56 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A new DynamicCache over the given per-layer keys and values (no copy)."""
+class GrowingLayer(DynamicLayer):
+    """A cache layer that writes new positions into spare room instead of copying itself per token.
+
+    transformers' DynamicLayer concatenates, so each decode step copies the layer's
+    whole cache: with a 1000-token prompt that is more bytes than the weights of a
+    small model. Here the buffer grows by half its size when full.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self._key_buffer = self._value_buffer = None
+        self.keys, self.values = keys[:, :, :0], values[:, :, :0]
+        self._append(keys, values)
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        length = self.keys.shape[2]
+        end = length + keys.shape[2]
+        if self._key_buffer is None or end > self._key_buffer.shape[2]:
+            capacity = end + max(64, end // 2)
+            key_buffer = keys.new_empty((*keys.shape[:2], capacity, keys.shape[3]))
+            value_buffer = values.new_empty((*values.shape[:2], capacity, values.shape[3]))
+            key_buffer[:, :, :length] = self.keys
+            value_buffer[:, :, :length] = self.values
+            self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self._key_buffer[:, :, length:end] = keys
+        self._value_buffer[:, :, length:end] = values
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions; return all keys and values."""
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+
+def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]], growing: bool = False) -> DynamicCache:
+    """A new DynamicCache over the given per-layer keys and values.
+
+    Plain layers reference the tensors (no copy); ``growing`` layers copy them into
+    buffers with room for the tokens still to come.
+    """
     cache = DynamicCache()
     for keys, values in tensors:
-        layer = DynamicLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+        if growing:
+            layer = GrowingLayer(keys, values)
+        else:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
         cache.layers.append(layer)
     return cache
 
