@@ -4,10 +4,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import select
+import socket
 import time
 import uuid
 from contextlib import closing
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
@@ -69,6 +71,25 @@ def list_models():
     return jsonify(model_list(get_engines().models, int(time.time())))
 
 
+def _client_gone_probe() -> Callable[[], bool] | None:
+    """A check that the client closed its connection (gunicorn gives views the socket); None elsewhere."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def client_gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # Readable with nothing to read is the peer's close; data would be a pipelined request.
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+
+    return client_gone
+
+
 def _json_body() -> object:
     content_type = request.mimetype or ""
     if content_type not in JSON_CONTENT_TYPES:
@@ -92,22 +113,24 @@ def create_completion(engine: str | None = None):
     jobs = [model.prepare(prompt, params, suffix=req.suffix, n=req.n, echo=req.echo, request_id=g.request_id)
             for prompt in req.prompts]
     release = model.gate.enter()
+    client_gone = _client_gone_probe()
     if req.stream:
-        response = Response(_event_stream(model, jobs, req, completion_id), mimetype="text/event-stream")
+        response = Response(_event_stream(model, jobs, req, completion_id, client_gone), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
         response.call_on_close(release)
         return response
     try:
-        return jsonify(_whole_completion(model, jobs, req, completion_id))
+        return jsonify(_whole_completion(model, jobs, req, completion_id, client_gone))
     finally:
         release()
 
 
-def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str) -> dict:
+def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
+                      client_gone: Callable[[], bool] | None) -> dict:
     choices, completion_tokens = [], 0
     for number, job in enumerate(jobs):
-        for result in model.complete(job, best_of=req.best_of):
+        for result in model.complete(job, best_of=req.best_of, client_gone=client_gone):
             choices.append((number * req.n + result.index, result))
             completion_tokens += result.completion_tokens
     prompt_tokens = sum(job.prompt_tokens for job in jobs)
@@ -115,13 +138,14 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
                                usage_object(prompt_tokens, completion_tokens), req.params.logprobs is not None)
 
 
-def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str) -> Iterator[str]:
+def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
+                  client_gone: Callable[[], bool] | None) -> Iterator[str]:
     created = int(time.time())
     with_logprobs = req.params.logprobs is not None
     prompt_tokens = completion_tokens = 0
     try:
         for number, job in enumerate(jobs):
-            generation = Generation(model, job)
+            generation = Generation(model, job, client_gone)
             with closing(iter(generation)) as deltas:
                 for delta in deltas:
                     yield sse_event(stream_chunk(completion_id, created, model.name, number * req.n + delta.index,

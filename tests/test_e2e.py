@@ -143,6 +143,24 @@ def test_copilot_request(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_abandoned_request_is_cancelled(server):
+    """A client that hangs up before its answer is noticed while it waits, and its work stops."""
+    # End-of-sequence tokens banned: the answer takes seconds, far longer than the client waits.
+    body = {"prompt": "def f():\n", "max_tokens": 300, "temperature": 0, "logit_bias": {"0": -100, "2": -100}}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    time.sleep(0.3)
+    conn.close()
+    deadline = time.monotonic() + 10
+    while "client went away" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log_path.read_text()
+    assert "client went away: request cancelled" in log
+    line = next(l for l in log.splitlines() if "cancelled (batch" in l)
+    assert int(line.split(" generated")[0].rsplit(" ", 1)[1]) < 300
+    assert server.request("GET", "/health")[0] == 200
+
+
 def test_killed_worker_is_replaced_on_the_same_slot(server, sdk):
     """gunicorn replaces a killed worker; the replacement takes slot 0 again and serves."""
     (old,) = server.worker_pids()

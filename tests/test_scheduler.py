@@ -130,18 +130,32 @@ def test_batch_respects_max_rows(tiny_settings, monkeypatch):
 
 
 def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
-    """A newcomer's prompt blocks alternate with decode steps of the running sequences."""
+    """A newcomer's prompt blocks alternate with decode steps of the sequences already running."""
     engine.forget()
     long_prompt = SAMPLE_CODE * 2  # several 32-token blocks
-    jobs = [engine.prepare("x = 1", no_eos(engine, 40)), engine.prepare(long_prompt, no_eos(engine, 4))]
-    assert len(jobs[1].prompt_ids) > 4 * engine.runner.small_block
+    running = Generation(engine, engine.prepare("x = 1", no_eos(engine, 200)))
+    newcomer = Generation(engine, engine.prepare(long_prompt, no_eos(engine, 4)))
+    assert len(newcomer.job.prompt_ids) > 4 * engine.runner.small_block
     recorder = Recorder(engine, monkeypatch)
-    run_together(engine, jobs)
-    kinds = [(kind, size) for kind, size in recorder.events]
-    long_blocks = [i for i, (kind, size) in enumerate(kinds) if kind == "prefill" and size == len(jobs[1].prompt_ids)]
+    deltas = iter(running)
+    next(deltas)  # decoding now
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
+    holder.start()
+    assert entered.wait(30)
+    newcomer_thread = threading.Thread(target=list, args=(newcomer,))
+    newcomer_thread.start()
+    while engine.scheduler.load[1] < 1:
+        time.sleep(0.001)
+    release.set()
+    list(deltas)
+    newcomer_thread.join(60)
+    long_blocks = [i for i, (kind, size) in enumerate(recorder.events)
+                   if kind == "prefill" and size == len(newcomer.job.prompt_ids)]
     assert len(long_blocks) > 3
-    between = kinds[long_blocks[0]:long_blocks[-1]]
-    assert sum(kind == "decode" for kind, _ in between) >= len(long_blocks) - 1
+    between = recorder.events[long_blocks[0]:long_blocks[-1]]
+    assert sum(kind == "decode" for kind, _ in between) == len(long_blocks) - 1
+    assert newcomer.results()[0].completion_tokens == 4 and running.results()[0].completion_tokens == 200
 
 
 def test_cancelled_work_stops_within_one_step(engine, monkeypatch):
@@ -267,3 +281,25 @@ def test_growing_cache_layer_appends_like_concatenation():
         assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
     assert grown.get_seq_length() == 105
     assert torch.equal(keys, before)
+
+
+def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):
+    """A request whose client left while it waited ends at once, and its prompt is never prefilled."""
+    recorder = Recorder(engine, monkeypatch)
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=engine.scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
+    holder.start()
+    assert entered.wait(30)
+    gone = threading.Event()
+    generation = Generation(engine, engine.prepare(SAMPLE_CODE, greedy(8)), client_gone=gone.is_set)
+    output = []
+    consumer = threading.Thread(target=lambda: output.extend(generation))
+    consumer.start()
+    gone.set()
+    consumer.join(5)
+    assert not consumer.is_alive() and output == []  # while the model was still busy elsewhere
+    release.set()
+    holder.join(30)
+    engine.scheduler.call(lambda: None)
+    assert not any(kind == "prefill" for kind, _ in recorder.events)
+    assert engine.scheduler.load == (0, 0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .stopping import StopCondition
 from .text import IncrementalDetokenizer, SequenceState
 
 log = logging.getLogger(__name__)
+GONE = object()  # the client went away while its request waited
 
 
 @dataclass(frozen=True)
@@ -222,12 +224,13 @@ class Engine:
 
     # -- running -------------------------------------------------------------
 
-    def complete(self, job: Job, best_of: int | None = None) -> list[SequenceResult]:
+    def complete(self, job: Job, best_of: int | None = None,
+                 client_gone: Callable[[], bool] | None = None) -> list[SequenceResult]:
         """Run a job to the end; with ``best_of``, sample that many and keep the ``n`` most likely."""
         wanted = job.n
         if best_of and best_of > job.n:
             job = dataclasses.replace(job, n=best_of)
-        generation = Generation(self, job)
+        generation = Generation(self, job, client_gone)
         for _ in generation:
             pass
         results = generation.results()
@@ -282,11 +285,20 @@ class Engine:
 
 
 class Generation:
-    """One run of a job: iterate it for deltas (it holds the model meanwhile); ``results()`` after."""
+    """One run of a job through the engine's scheduler: iterate it for deltas; ``results()`` after.
 
-    def __init__(self, engine: Engine, job: Job):
+    ``client_gone`` is polled while waiting for tokens (in the queue, during a long
+    prefill): editors abandon a request at the next keystroke, and its work should
+    stop before it takes the model's time, not when its first token fails to send.
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, engine: Engine, job: Job, client_gone: Callable[[], bool] | None = None):
         self.engine = engine
         self.job = job
+        self.client_gone = client_gone
+        self._next_check = 0.0  # monotonic time of the next client_gone poll
         self.sequences: list[SequenceState] = []
         self.echo_logprobs: list[TokenLogprob] = []
 
@@ -328,7 +340,7 @@ class Generation:
         engine.scheduler.submit(work)
         item = None
         try:
-            while (item := work.out.get()) is not DONE:
+            while (item := self._next(work)) is not DONE and item is not GONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield from item
@@ -336,6 +348,22 @@ class Generation:
             work.cancel()  # a no-op once done; else the client went away
             engine.last_reused = work.reused
             self._log_timing(work, cancelled=item is not DONE and not isinstance(item, BaseException))
+
+    def _next(self, work: Work):
+        """The next item of ``work.out``, or GONE (the work cancelled) once the client has gone away."""
+        if self.client_gone is None:
+            return work.out.get()
+        while True:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self.POLL_SECONDS
+                if self.client_gone():
+                    log.info("[%s] client went away: request cancelled", self.job.request_id)
+                    return GONE
+            try:
+                return work.out.get(timeout=max(self._next_check - now, 0.001))
+            except queue.Empty:
+                pass
 
     def _sequence(self, index: int) -> SequenceState:
         engine, job = self.engine, self.job

@@ -56,6 +56,11 @@ class CausalPrefill:
         """Whether the whole prompt has been fed."""
         return not self.blocks
 
+    @property
+    def next_block_size(self) -> int:
+        """Tokens the next step feeds."""
+        return self.blocks[0][1] - self.blocks[0][0] if self.blocks else 0
+
     def step(self) -> bool:
         """Feed the next block; return whether the prompt is done (then ``logits`` are set)."""
         start, end = self.blocks.pop(0)
@@ -172,6 +177,7 @@ class Seq2SeqPrefill:
     def __init__(self, runner: "Seq2SeqRunner", prompt_ids: Sequence[int]):
         self.runner = runner
         self.prompt_ids = list(prompt_ids)
+        self.next_block_size = len(self.prompt_ids)
         self.encoded = None
         self.cache: EncoderDecoderCache | None = None
         self.logits: torch.Tensor | None = None
