@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install install-dev serve test test-fast bench clean
+.PHONY: install install-dev serve test test-fast bench bench-compare clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-fast: install-dev
 
 bench: install
 	$(BIN)/python -m app bench
+
+# Side by side with a naive server and (when llama-cpp-python is installed) llama.cpp: see bench/README.md.
+bench-compare: install
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,192 @@
+"""``python -m bench``: start each server, replay the same workloads against it, print and save the comparison."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import report, roofline
+from .corpus import Corpus
+from .servers import (LABELS, LLAMACPP_INSTALL, REPO, SYSTEMS, ModelFiles, ServerStartError, attach,
+                      llamacpp_available, resolve_model, start, stop)
+from .workloads import KeystrokeOptions, PromptFeed, cold, drain, keystroke, load, warm_up
+
+DEFAULTS = {"awaited": 24, "awaited_naive": 8, "load_seconds": 30.0, "clients": "1,4,8", "cold_runs": 3,
+            "load_prompts": 240, "bandwidth_mb": 512}
+QUICK = {"awaited": 3, "awaited_naive": 1, "load_seconds": 5.0, "clients": "1,8", "cold_runs": 1,
+         "load_prompts": 40, "bandwidth_mb": 256}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; --quick fills in small values for options not given."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    add = parser.add_argument
+    add("--systems", default="ours,naive,llamacpp", help=f"comma-separated, from: {','.join(SYSTEMS)} (default: all)")
+    add("--awaited", type=int, help="awaited keystroke answers per system (default 24)")
+    add("--awaited-naive", type=int, help="awaited answers for the naive server, which cannot cancel (default 8)")
+    add("--chars-per-step", type=int, default=6, help="characters typed per keystroke step (default %(default)s)")
+    add("--burst", type=int, default=4, help="steps per typing burst; the last is awaited (default %(default)s)")
+    add("--window-ms", type=float, default=100.0,
+        help="ms between steps in a burst; an unfinished request is then cancelled (default %(default)s)")
+    add("--context-tokens", type=int, default=1500, help="keystroke prompt size in tokens (default %(default)s)")
+    add("--context-slack", type=int, default=0,
+        help="when the keystroke prompt outgrows --context-tokens, drop this many tokens more, so its first "
+             "line (and a server's cached prefix) stays put longer (default %(default)s)")
+    add("--max-tokens", type=int, default=48, help="tokens generated per request (default %(default)s)")
+    add("--timeout", type=float, default=60.0, help="cap in seconds on each awaited request (default %(default)s)")
+    add("--cold-runs", type=int, help="measured cold prompts, after one warm-up (default 3)")
+    add("--cold-tokens", type=int, default=1000, help="cold prompt size in tokens (default %(default)s)")
+    add("--load-seconds", type=float, help="seconds per concurrency level (default 30)")
+    add("--clients", help="concurrency levels of the load workload (default 1,4,8)")
+    add("--load-tokens", type=int, default=300, help="load prompt size in tokens (default %(default)s)")
+    add("--load-prompts", type=int, help=argparse.SUPPRESS)
+    add("--bandwidth-mb", type=int, help=argparse.SUPPRESS)
+    add("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start (default %(default)s)")
+    add("--out", type=Path, default=REPO / "bench" / "results", help="output directory (default %(default)s)")
+    add("--quick", action="store_true", help="tiny settings for a smoke run (a few minutes)")
+    add("--url-ours", help="use this already-running server as 'ours' instead of starting one")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    return args
+
+
+def _r(value: float | None, digits: int = 0) -> str:
+    """A figure for the progress lines."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count and the project's git revision (read-only)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        revision = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        revision = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "git": revision, "python": platform.python_version()}
+
+
+def make_prompts(corpus: Corpus, args: argparse.Namespace) -> dict[str, list[str]]:
+    """The prompts every system gets: warm-up, cold (one per run plus a warm-up) and the load pool."""
+    return {"warm": corpus.prompts(2, 300, offset=0.85),
+            "cold": corpus.prompts(args.cold_runs + 1, args.cold_tokens, offset=0.3, reverse=True),
+            "load": corpus.prompts(args.load_prompts, args.load_tokens, offset=0.1)}
+
+
+def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, list[str]],
+               banned: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Start one system, run warm-up and the three workloads on it, stop it; return its figures."""
+    label = LABELS[name]
+    if name == "llamacpp" and not llamacpp_available():
+        print(f"\n== {label}: skipped: llama-cpp-python is not installed in this Python. Install it with\n"
+              f"   {LLAMACPP_INSTALL}\n   (builds llama.cpp from source: several minutes)", flush=True)
+        return {"status": "skipped (not installed)"}
+    print(f"\n== {label}: starting", flush=True)
+    started = time.perf_counter()
+    try:
+        if name == "ours" and args.url_ours:
+            server = attach(name, args.url_ours)
+        else:
+            server = start(name, model, args.ready_timeout)
+    except ServerStartError as exc:
+        print(f"== {label}: failed to start, column skipped: {exc}", flush=True)
+        return {"status": "failed to start"}
+    figures: dict[str, Any] = {"status": "ok", "url": server.url, "log": str(server.log_path or "")}
+    try:
+        print(f"   ready at {server.url} after {time.perf_counter() - started:.1f} s; warming up", flush=True)
+        warm_up(server, prompts["warm"], args.timeout)
+        options = KeystrokeOptions(awaited=args.awaited if name != "naive" else args.awaited_naive,
+                                   chars_per_step=args.chars_per_step, burst=args.burst,
+                                   window_s=args.window_ms / 1000, context_tokens=args.context_tokens,
+                                   context_slack=args.context_slack,
+                                   max_tokens=args.max_tokens, timeout_s=args.timeout)
+        print(f"   keystroke session: {options.awaited} bursts of {options.burst} steps", flush=True)
+        figures["keystroke"] = k = keystroke(server, corpus, options)
+        print(f"   -> latency p50 {_r(k['latency_p50_ms'])} ms, p95 {_r(k['latency_p95_ms'])} ms, "
+              f"TTFT p50 {_r(k['ttft_p50_ms'])} ms; timeouts {k['timeouts']}, errors {k['errors']}", flush=True)
+        drain(server)
+        print(f"   cold prompts: {len(prompts['cold']) - 1} runs after 1 warm-up", flush=True)
+        figures["cold"] = c = cold(server, prompts["cold"], corpus, args.max_tokens, banned, args.timeout * 5)
+        print(f"   -> TTFT {_r(c['ttft_ms'])} ms, total {_r(c['total_ms'])} ms, "
+              f"decode {_r(c['decode_tok_s'], 1)} tok/s", flush=True)
+        figures["load"] = {}
+        feed = PromptFeed(prompts["load"])
+        for clients in args.clients:
+            print(f"   load: {clients} client{'s' * (clients > 1)} for {args.load_seconds:g} s", flush=True)
+            figures["load"][str(clients)] = result = load(server, feed, clients, args.load_seconds,
+                                                          args.max_tokens, banned, args.timeout * 5)
+            print(f"   -> {result['tok_s']:.1f} tok/s, {result['requests']} requests, "
+                  f"p95 {_r(result['latency_p95_ms'])} ms, errors {result['errors']}", flush=True)
+    except Exception as exc:  # keep what was measured; the other systems still run
+        figures["status"] = f"error: {exc}"
+        print(f"== {label}: workload failed: {exc}", flush=True)
+        traceback.print_exc()
+        print(server.log_tail(), flush=True)
+    finally:
+        stop(server)
+    print(f"== {label}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit status 0 when at least one system produced figures."""
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("resolving the model (the first run converts the GGUF, ~20 s)...", flush=True)
+    model = resolve_model()
+    corpus = Corpus(model.folder)
+    banned = corpus.eos_ids()
+    prompts = make_prompts(corpus, args)
+    print(f"model {model.name}: {model.folder}\nGGUF: {model.gguf}\nours runs it as {model.ours_dtype}; "
+          f"EOS ids banned in cold/load: {banned}", flush=True)
+    print("measuring memory bandwidth and weight bytes per token...", flush=True)
+    roof = roofline.measure(model, args.bandwidth_mb)
+    sizes = ", ".join(f"{LABELS[n]} {roof['bytes_per_token'][n] / 1e6:.0f} MB"
+                      for n in LABELS if roof["bytes_per_token"].get(n))
+    print(f"   bandwidth {_r(roof['bandwidth_gb_s']['1'], 1)} GB/s (1 thread), "
+          f"{_r(roof['bandwidth_gb_s']['2'], 1)} GB/s (2 threads); weights read per token: {sizes}", flush=True)
+
+    systems = {name: run_system(name, model, corpus, prompts, banned, args) for name in args.systems}
+
+    settings = (f"keystroke: {args.awaited} awaited (naive {args.awaited_naive}), {args.chars_per_step} chars/step, "
+                f"bursts of {args.burst}, {args.window_ms:g} ms window, {args.context_tokens}-token context "
+                f"(slack {args.context_slack}); "
+                f"cold: {args.cold_runs} runs of {args.cold_tokens} tokens; load: {args.load_seconds:g} s per "
+                f"level, {args.load_tokens}-token prompts; {args.max_tokens} new tokens")
+    meta = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **machine(), "model": model.name,
+            "settings": settings, "args": {k: str(v) for k, v in vars(args).items()}}
+    text = report.markdown(meta, systems, roof, args.clients)
+    print("\n" + text)
+    report.save(args.out, text, {"meta": meta, "roofline": roof, "systems": systems,
+                                 "model": {k: str(v) for k, v in vars(model).items()}})
+    png = args.out / "keystroke_latency.png"
+    if report.plot(systems, png, args.window_ms):
+        print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {png}")
+    else:
+        print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'} (no plot: pip install matplotlib)")
+    return 0 if any(s.get("status") == "ok" for s in systems.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

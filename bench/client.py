@@ -1,0 +1,121 @@
+"""A minimal OpenAI completions client on http.client that can stream, time and abandon requests."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+DONE = "done"            # the whole answer arrived
+ABANDONED = "abandoned"  # the client closed the connection on purpose (the typist moved on)
+TIMEOUT = "timeout"      # the answer did not arrive within the request's time cap
+ERROR = "error"          # HTTP status other than 200, a broken stream or an in-band error
+
+
+@dataclass
+class Outcome:
+    """What one completion request gave: its status, timings (seconds) and text."""
+
+    status: str
+    ttft: float | None = None
+    latency: float | None = None
+    completion_tokens: int | None = None
+    text: str = ""
+    error: str | None = None
+
+
+class _Deadline:
+    """Gives each blocking socket operation the time left until a deadline."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def arm(self, conn: http.client.HTTPConnection) -> None:
+        """Set the connection's socket timeout to the time left (raises socket.timeout when none)."""
+        left = self.end - time.perf_counter()
+        if left <= 0:
+            raise socket.timeout("deadline passed")
+        if conn.sock is not None:
+            conn.sock.settimeout(left)
+
+
+def get_status(url: str, path: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of ``GET url+path``, or None when the server does not answer."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path.rstrip("/") + path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, abandon: bool = False) -> Outcome:
+    """POST one completion to ``url``/v1/completions; give up after ``limit`` seconds.
+
+    Giving up closes the connection, which is how an editor cancels a request; the
+    outcome is ABANDONED when ``abandon`` (a planned cancel), else TIMEOUT.
+    """
+    parts = urlsplit(url)
+    deadline = _Deadline(limit)
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+    try:
+        payload = json.dumps({**body, "stream": stream}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        conn.request("POST", parts.path.rstrip("/") + "/v1/completions", payload, headers)
+        deadline.arm(conn)
+        response = conn.getresponse()
+        if response.status != 200:
+            detail = response.read(500).decode("utf-8", "replace")
+            return Outcome(ERROR, error=f"HTTP {response.status}: {detail}")
+        if stream:
+            return _read_stream(conn, response, deadline, started)
+        data = json.loads(response.read())
+        latency = time.perf_counter() - started
+        text = "".join(choice.get("text") or "" for choice in data.get("choices", []))
+        tokens = (data.get("usage") or {}).get("completion_tokens")
+        return Outcome(DONE, ttft=latency, latency=latency, completion_tokens=tokens, text=text)
+    except (socket.timeout, TimeoutError):
+        return Outcome(ABANDONED if abandon else TIMEOUT, error=f"no answer within {limit:g} s")
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return Outcome(ERROR, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                 deadline: _Deadline, started: float) -> Outcome:
+    """Read server-sent events until ``data: [DONE]``; time the first chunk that carries text."""
+    ttft = None
+    tokens = None
+    pieces: list[str] = []
+    while True:
+        deadline.arm(conn)
+        line = response.readline()
+        if not line:
+            return Outcome(ERROR, ttft=ttft, text="".join(pieces), error="stream ended without [DONE]")
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            latency = time.perf_counter() - started
+            return Outcome(DONE, ttft=ttft if ttft is not None else latency, latency=latency,
+                           completion_tokens=tokens, text="".join(pieces))
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return Outcome(ERROR, ttft=ttft, text="".join(pieces), error=json.dumps(chunk["error"])[:500])
+        if chunk.get("usage"):
+            tokens = chunk["usage"].get("completion_tokens")
+        text = "".join(choice.get("text") or "" for choice in chunk.get("choices") or [])
+        if text and ttft is None:
+            ttft = time.perf_counter() - started
+        pieces.append(text)

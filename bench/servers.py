@@ -1,0 +1,185 @@
+"""The compared servers: how to find the model files, start each as a subprocess, wait for it and stop it."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .client import get_status
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("ours", "naive", "llamacpp")
+LABELS = {"ours": "ours", "naive": "naive", "llamacpp": "llama.cpp"}
+LLAMACPP_INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" .venv/bin/pip install 'llama-cpp-python[server]'"
+
+
+class ServerStartError(RuntimeError):
+    """A server process that exited or never became ready."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The configured default model as each system reads it."""
+
+    name: str          # our model name
+    folder: Path       # the safetensors folder our loader converts the GGUF into
+    gguf: Path | None  # the original GGUF file (llama.cpp's input)
+    ours_dtype: str    # the weight format our server resolves on this CPU
+
+
+def resolve_model() -> ModelFiles:
+    """Find the configured default model's folder and GGUF file with the project's own loader."""
+    import torch
+
+    from app.engine.loader import converted_gguf, resolve_dtype, resolve_source
+    from config import load_settings
+
+    settings = load_settings()
+    config = settings.models[0]
+    source = resolve_source(config)
+    if source.gguf_file:
+        folder = converted_gguf(source, settings.cache_dir)
+        gguf = Path(source.location) / source.gguf_file
+    else:
+        folder, gguf = Path(source.location), None
+    return ModelFiles(config.name, Path(folder), gguf, resolve_dtype(config.dtype, torch.device("cpu")))
+
+
+@dataclass
+class Server:
+    """A server under test: its base URL and, when this script started it, its process and log."""
+
+    name: str
+    url: str
+    streams: bool
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    stream_body: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's log (empty when it was not started here)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python (with its server) is importable in this Python."""
+    return importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None
+
+
+def _ours_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    return ([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            {"FAUXPILOT_BIND": f"127.0.0.1:{port}"})
+
+
+def _naive_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    return ([sys.executable, "-m", "bench.naive_server", "--model", str(model.folder),
+             "--host", "127.0.0.1", "--port", str(port), "--threads", "2"], {})
+
+
+def _llamacpp_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    if model.gguf is None:
+        raise ServerStartError("the configured model is not a GGUF file; llama.cpp needs one")
+    return ([sys.executable, "-m", "llama_cpp.server", "--model", str(model.gguf), "--model_alias", "codegen",
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2"], {})
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How to start one system and how to tell it is ready."""
+
+    command: Callable[[int, ModelFiles], tuple[list[str], dict[str, str]]]
+    ready_path: str
+    streams: bool
+    extra_body: dict[str, Any] = field(default_factory=dict)   # sent with every request
+    stream_body: dict[str, Any] = field(default_factory=dict)  # sent with streaming requests
+
+
+LAUNCHERS = {
+    "ours": Launcher(_ours_command, "/health", streams=True,
+                     stream_body={"stream_options": {"include_usage": True}}),
+    "naive": Launcher(_naive_command, "/health", streams=False),
+    # llama-cpp-python's completions default to repeat_penalty 1.1; plain greedy like the others.
+    "llamacpp": Launcher(_llamacpp_command, "/v1/models", streams=True, extra_body={"repeat_penalty": 1.0}),
+}
+
+
+def attach(name: str, url: str) -> Server:
+    """A Server for an already-running instance at ``url`` (never stopped by this script)."""
+    launcher = LAUNCHERS[name]
+    if get_status(url, launcher.ready_path, timeout=10) != 200:
+        raise ServerStartError(f"{url}{launcher.ready_path} does not answer 200")
+    return Server(name, url.rstrip("/"), launcher.streams, dict(launcher.extra_body), dict(launcher.stream_body))
+
+
+def start(name: str, model: ModelFiles, ready_timeout: float = 300.0) -> Server:
+    """Start system ``name`` on a free loopback port and wait until it answers; raise ServerStartError."""
+    launcher = LAUNCHERS[name]
+    port = free_port()
+    argv, env_changes = launcher.command(port, model)
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+    server = Server(name, f"http://127.0.0.1:{port}", launcher.streams, dict(launcher.extra_body),
+                    dict(launcher.stream_body), log_path=Path(log.name))
+    server.process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env_changes}, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    try:
+        wait_ready(server, launcher.ready_path, ready_timeout)
+    except ServerStartError as exc:
+        stop(server)
+        raise ServerStartError(f"{exc}; last lines of its log {server.log_path}:\n{server.log_tail()}") from None
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+def wait_ready(server: Server, path: str, timeout: float) -> None:
+    """Poll ``GET path`` until it answers 200; raise ServerStartError if the process dies or time runs out."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if server.process is not None and server.process.poll() is not None:
+            raise ServerStartError(f"{server.name} exited with status {server.process.returncode}")
+        if get_status(server.url, path) == 200:
+            return
+        time.sleep(0.5)
+    raise ServerStartError(f"{server.name} did not answer {path} within {timeout:.0f} s")
+
+
+def stop(server: Server, grace: float = 20.0) -> None:
+    """Stop a server this script started: SIGTERM to its process group, then SIGKILL after ``grace`` s."""
+    process = server.process
+    if process is None or process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)  # the group we created: the server and its workers
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, if any outlived the leader
+    except (ProcessLookupError, PermissionError):
+        pass
