@@ -303,3 +303,38 @@ def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):
     engine.scheduler.call(lambda: None)
     assert not any(kind == "prefill" for kind, _ in recorder.events)
     assert engine.scheduler.load == (0, 0)
+
+
+def test_abandoned_prefill_keeps_its_blocks_for_the_next_prompt(engine):
+    """The blocks an abandoned request fed are reused by the next keystroke's prompt, bit for bit."""
+    from app.engine.generate import CausalRunner
+
+    ids = engine.tokenizer(SAMPLE_CODE * 3)["input_ids"][:200]
+    runner = CausalRunner(engine.model, engine.device, PrefixCache(2**30), big_block=64, small_block=16)
+    with torch.inference_mode():
+        abandoned = runner.start(ids[:190])
+        abandoned.step()
+        abandoned.step()
+        abandoned.abandon()
+        assert [len(e.ids) for e in runner.prefix_cache.entries.values()] == [128]
+        warm = runner.start(ids)
+        assert warm.reused == 128
+        while not warm.step():
+            pass
+        cold = CausalRunner(engine.model, engine.device, big_block=64, small_block=16).start(ids)
+        while not cold.step():
+            pass
+    assert torch.equal(warm.logits, cold.logits)
+    # The finished prompt's entry covers the abandoned one's, which is dropped.
+    assert [len(e.ids) for e in runner.prefix_cache.entries.values()] == [200]
+
+
+def test_prefix_cache_drops_entries_a_new_one_covers():
+    """Storing a prompt drops entries that are its beginning with the same block bounds, and no others."""
+    cache = PrefixCache(2**30)
+    ids = list(range(150))
+    cache.store(ids[:64], block_bounds(150, 64, 16)[:2], fake_cache(64))
+    cache.store(ids[:100], block_bounds(100, 64, 16), fake_cache(100))  # other bounds after 64: kept
+    cache.store(ids, block_bounds(150, 64, 16), fake_cache(150))
+    assert sorted(len(k) for k in cache.entries) == [100, 150]
+    assert cache.nbytes == cache_bytes(fake_cache(100)) + cache_bytes(fake_cache(150))

@@ -48,6 +48,7 @@ class CausalPrefill:
             first, cache = runner.prefix_cache.lookup(self.prompt_ids, self.bounds)
         self.cache = cache if cache is not None else DynamicCache()
         self.reused = self.bounds[first]
+        self.fed = first  # index into bounds: the prompt is in the cache up to bounds[fed]
         self.blocks = list(zip(self.bounds[first:], self.bounds[first + 1:]))
         self.logits: torch.Tensor | None = None  # next-token logits [1, vocab] once done
 
@@ -67,9 +68,24 @@ class CausalPrefill:
         ids = torch.tensor([self.prompt_ids[start:end]], device=self.runner.device)
         out = self.runner.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.logits = out.logits[:, -1]
-        if self.done and self.runner.prefix_cache is not None:
-            self.runner.prefix_cache.store(self.prompt_ids, self.bounds, self.cache)
+        self.fed += 1
+        if self.done:
+            self._keep()
         return self.done
+
+    def abandon(self) -> None:
+        """Stop here, keeping the blocks fed so far for later prompts.
+
+        An editor abandons a request at the next keystroke, and the next prompt
+        begins with this one: its blocks are that request's head start.
+        """
+        if self.reused < self.bounds[self.fed]:
+            self._keep()
+
+    def _keep(self) -> None:
+        if self.runner.prefix_cache is not None:
+            end = self.bounds[self.fed]
+            self.runner.prefix_cache.store(self.prompt_ids[:end], self.bounds[:self.fed + 1], self.cache)
 
 
 class CausalBatch:
@@ -182,6 +198,9 @@ class Seq2SeqPrefill:
         self.cache: EncoderDecoderCache | None = None
         self.logits: torch.Tensor | None = None
         self.done = False
+
+    def abandon(self) -> None:
+        """Nothing to keep."""
 
     def step(self) -> bool:
         """Encode and take the decoder's first step (one step does it all)."""

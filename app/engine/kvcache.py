@@ -165,10 +165,13 @@ class PrefixCache:
         nbytes = cache_bytes(cache)
         if nbytes > self.budget:
             return
-        old = self.entries.pop(key, None)
-        if old is not None:
+        bounds = tuple(bounds)
+        # An entry whose tokens and block bounds both begin the new one offers nothing it does not.
+        for old in [e for e in self.entries.values()
+                    if e.ids == key[:len(e.ids)] and e.bounds == bounds[:len(e.bounds)]]:
+            del self.entries[old.ids]
             self.nbytes -= old.nbytes
-        self.entries[key] = Entry(key, tuple(bounds), cache, nbytes)
+        self.entries[key] = Entry(key, bounds, cache, nbytes)
         self.nbytes += nbytes
         while self.nbytes > self.budget:
             _, evicted = self.entries.popitem(last=False)

@@ -147,8 +147,10 @@ class Scheduler:
             self._waiting.remove(work)
             self._finish(work)
         if self._prefilling and self._prefilling[0].cancelled.is_set():
-            self._finish(self._prefilling[0])
+            work, prefill = self._prefilling
             self._prefilling = None
+            prefill.abandon()
+            self._finish(work)
         if not any(w.cancelled.is_set() for w in self._running):
             return
         rows, tokens, running, offset = [], [], [], 0
