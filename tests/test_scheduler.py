@@ -37,6 +37,7 @@ class Recorder:
 
     def __init__(self, engine, monkeypatch):
         self.events: list[tuple[str, int]] = []
+        self.prefill_threads: set[str] = set()
         batch = engine.runner.batch
         real_decode = batch.decode
 
@@ -53,6 +54,7 @@ class Recorder:
 
             def step():
                 self.events.append(("prefill", len(prompt_ids)))
+                self.prefill_threads.add(threading.current_thread().name)
                 return real_step()
 
             prefill.step = step
@@ -87,12 +89,12 @@ def run_together(engine, jobs):
 
 def test_batched_greedy_equals_unbatched(engine, monkeypatch):
     """Prompts of different lengths decoded together give exactly what each gives alone."""
-    jobs = [engine.prepare(p, greedy(24)) for p in PROMPTS]
+    jobs = [engine.prepare(p, greedy(40)) for p in PROMPTS]
     expected = [alone(engine, job) for job in jobs]
     recorder = Recorder(engine, monkeypatch)
     engine.forget()
     together = run_together(engine, jobs)
-    assert recorder.max_rows == len(jobs)
+    assert recorder.max_rows >= 3
     for want, got in zip(expected, together):
         assert [r.text for r in got] == [r.text for r in want]
         assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
@@ -123,10 +125,10 @@ def test_batch_respects_max_rows(tiny_settings, monkeypatch):
 
     engine = load_engine(tiny_settings.models[0], tiny_settings.replace(max_batch=2))
     recorder = Recorder(engine, monkeypatch)
-    jobs = [engine.prepare(p, no_eos(engine, 6)) for p in PROMPTS]
+    jobs = [engine.prepare(p, no_eos(engine, 60)) for p in PROMPTS]
     results = run_together(engine, jobs)
     assert recorder.max_rows == 2
-    assert [r[0].completion_tokens for r in results] == [6] * len(PROMPTS)
+    assert [r[0].completion_tokens for r in results] == [60] * len(PROMPTS)
 
 
 def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
@@ -154,7 +156,10 @@ def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
                    if kind == "prefill" and size == len(newcomer.job.prompt_ids)]
     assert len(long_blocks) > 3
     between = recorder.events[long_blocks[0]:long_blocks[-1]]
-    assert sum(kind == "decode" for kind, _ in between) == len(long_blocks) - 1
+    # At least one step between blocks; more where blocks run on a helper thread beside the decode steps.
+    assert sum(kind == "decode" for kind, _ in between) >= len(long_blocks) - 1
+    if engine.scheduler._helper is not None:  # spare cores: the blocks ran beside the decode steps
+        assert any(name.startswith("prefill-") for name in recorder.prefill_threads)
     assert newcomer.results()[0].completion_tokens == 4 and running.results()[0].completion_tokens == 200
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -138,12 +139,17 @@ class PrefixCache:
         self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # prompt blocks may finish on the scheduler's helper thread
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def lookup(self, ids: Sequence[int], bounds: Sequence[int]) -> tuple[int, DynamicCache | None]:
         """Best reusable block index into ``bounds`` and a new cache holding that prefix (None: nothing)."""
+        with self._lock:
+            return self._lookup(ids, bounds)
+
+    def _lookup(self, ids: Sequence[int], bounds: Sequence[int]) -> tuple[int, DynamicCache | None]:
         best, found = 0, None
         for entry in self.entries.values():
             index = reusable_bound(entry.ids, entry.bounds, ids, bounds)
@@ -159,6 +165,10 @@ class PrefixCache:
 
     def store(self, ids: Sequence[int], bounds: Sequence[int], cache: DynamicCache) -> None:
         """Keep ``cache`` (exactly the keys/values of ``ids``) for later prompts, evicting old ones."""
+        with self._lock:
+            self._store(ids, bounds, cache)
+
+    def _store(self, ids: Sequence[int], bounds: Sequence[int], cache: DynamicCache) -> None:
         if not is_plain(cache):
             return
         key = tuple(ids)
@@ -179,5 +189,6 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Drop every entry."""
-        self.entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
