@@ -191,41 +191,47 @@ class Scheduler:
             self._prefilling = (work, prefill)
 
     def _prefill_step(self) -> None:
-        """Feed one block of the newcomer's prompt; when it is all in, choose its first tokens and let it join."""
+        """Feed the newcomer's next prompt block; once its prompt is all in, start decoding it."""
         work, prefill = self._prefilling
         try:
-            if self._block is not None:
-                if self._running and not self._block.done():
-                    return  # decode meanwhile
-                done, self._block = self._block.result(), None
-            elif self._running and self._helper is not None:
-                self._block = self._helper.submit(self._step_beside, prefill)
-                return
-            else:
-                # Two threads pay off for big blocks only (measured on 2 cores: a 256-token block 150 ms
-                # with 2 threads, 195 ms with 1; a 32-token block 33 ms with 2, 26 ms with 1).
-                self._set_threads(0 if prefill.next_block_size >= 128 else 1)
-                done = prefill.step()
-            if not done:
-                return
-            self._prefilling = None
-            logits = prefill.logits.expand(len(work.sequences), -1)
-            choice = work.chooser(logits)
-            work.first_token = time.perf_counter()
-            deltas, keep = step_sequences(choice, work.sequences)
+            done = self._feed_block(prefill)
         except Exception as exc:
             self._prefilling, self._block = None, None
             self._fail([work], exc)
             return
-        if deltas:
-            work.out.put(deltas)
-        if not keep:
-            self._finish(work)
-            return
-        if len(keep) < len(work.sequences):
-            work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
-        work.alive = keep
+        if done:
+            self._prefilling = None
+            self._start_decoding(work, prefill)
+
+    def _feed_block(self, prefill) -> bool:
+        """Feed one block, beside the decode steps when cores are spare; return whether the prompt is in."""
+        if self._block is not None:
+            if self._running and not self._block.done():
+                return False  # decode meanwhile
+            done, self._block = self._block.result(), None
+            return done
+        if self._running and self._helper is not None:
+            self._block = self._helper.submit(self._step_beside, prefill)
+            return False
+        # Two threads pay off for big blocks only (measured on 2 cores: a 256-token block 150 ms
+        # with 2 threads, 195 ms with 1; a 32-token block 33 ms with 2, 26 ms with 1).
+        self._set_threads(0 if prefill.next_block_size >= 128 else 1)
+        return prefill.step()
+
+    def _start_decoding(self, work: Work, prefill) -> None:
+        """Choose the newcomer's first tokens from its prompt's logits; its live sequences join the batch."""
         try:
+            choice = work.chooser(prefill.logits.expand(len(work.sequences), -1))
+            work.first_token = time.perf_counter()
+            deltas, keep = step_sequences(choice, work.sequences)
+            if deltas:
+                work.out.put(deltas)
+            if not keep:
+                self._finish(work)
+                return
+            if len(keep) < len(work.sequences):
+                work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
+            work.alive = keep
             self.runner.batch.join(prefill, len(keep))
         except Exception as exc:
             self._fail([work], exc)
