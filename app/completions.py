@@ -41,14 +41,27 @@ def get_engines() -> EngineRegistry:
     return current_app.extensions["fauxpilot"]
 
 
+PUBLIC_ENDPOINTS = ("completions.health", "completions.ready")
+
+
+def _presented_key() -> str:
+    """The key a client sent: ``Authorization: Bearer``, or the ``api-key`` / ``x-api-key`` header."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    return (request.headers.get("api-key") or request.headers.get("x-api-key") or "").strip()
+
+
 @bp.before_request
 def _authenticate() -> None:
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     keys = current_app.config["FAUXPILOT"].api_keys
-    if not keys or request.endpoint == "completions.health":
+    if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in keys):
+    presented = _presented_key().encode()
+    # Compare with every key, so the time taken says nothing about which one almost matched.
+    matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
+    if not presented or not any(matches):
         raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
 
@@ -62,6 +75,16 @@ def _tag(response: Response) -> Response:
 def health():
     """Liveness: the worker answers; lists the served models."""
     return jsonify(status="ok", models=[m.name for m in get_engines().models])
+
+
+@bp.get("/ready")
+def ready():
+    """Readiness: 200 once every served model is loaded in this worker, else 503."""
+    registry = get_engines()
+    loading = registry.not_loaded()
+    if loading:
+        return jsonify(status="loading", loading=loading), 503
+    return jsonify(status="ready", models=[m.name for m in registry.models])
 
 
 @bp.get("/v1/models")

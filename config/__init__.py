@@ -74,7 +74,7 @@ class Settings:
     """Everything the server, the workers and the engine are configured with."""
 
     models: tuple[ModelConfig, ...]
-    bind: str = "0.0.0.0:5000"
+    bind: str = "127.0.0.1:5000"  # all interfaces only when a sysadmin says so
     workers: int = 1
     threads: int = 16
     timeout: int = 120
@@ -83,6 +83,7 @@ class Settings:
     decode_threads: int | None = None
     cache_dir: Path = Path("~/.cache/fauxpilot-lite").expanduser()
     api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None  # more keys, one per line ('#' comments), read at start-up
     debug: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
     max_batch: int = 8
@@ -193,6 +194,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_DECODE_THREADS": ("decode_threads", _env_int),
     "FAUXPILOT_CACHE_DIR": ("cache_dir", lambda v: Path(v).expanduser()),
     "FAUXPILOT_API_KEYS": ("api_keys", lambda v: tuple(k.strip() for k in v.split(",") if k.strip())),
+    "FAUXPILOT_API_KEYS_FILE": ("api_keys_file", lambda v: Path(v).expanduser() if v else None),
     "FAUXPILOT_DEBUG": ("debug", _env_bool),
     "FAUXPILOT_MAX_BATCH": ("max_batch", _env_int),
     "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
@@ -212,8 +214,9 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     unknown = set(server) - known
     if unknown:
         raise ConfigError(f"[server]: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-    if "cache_dir" in server:
-        server["cache_dir"] = Path(server["cache_dir"]).expanduser()
+    for key in ("cache_dir", "api_keys_file"):
+        if key in server:
+            server[key] = Path(server[key]).expanduser()
     if "api_keys" in server:
         server["api_keys"] = _as_tuple(server["api_keys"], "[server] api_keys")
     models = tuple(model_from_mapping(m) for m in raw.get("models", ()))
@@ -247,4 +250,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             source, gguf = str(Path(source).parent), Path(source).name
         swapped = dataclasses.replace(first, source=source, gguf_file=gguf, fim=None, stop=())
         changes["models"] = (swapped, *settings.models[1:])
-    return settings.replace(**changes) if changes else settings
+    settings = settings.replace(**changes) if changes else settings
+    return with_key_file(settings)
+
+
+def with_key_file(settings: Settings) -> Settings:
+    """Settings whose ``api_keys`` include those of ``api_keys_file`` (one per line, '#' starts a comment)."""
+    if settings.api_keys_file is None:
+        return settings
+    try:
+        text = settings.api_keys_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read api_keys_file {settings.api_keys_file}: {exc}") from exc
+    keys = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return settings.replace(api_keys=tuple(dict.fromkeys([*settings.api_keys, *filter(None, keys)])),
+                            api_keys_file=None)

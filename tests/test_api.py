@@ -855,6 +855,26 @@ def test_right_key_200(keyed_client, authorization):
     assert keyed_client.get("/v1/models", headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize("headers", [{"api-key": "secret"}, {"x-api-key": "secret"}, {"X-Api-Key": " secret "}])
+def test_key_headers_some_clients_send(keyed_client, headers):
+    """The api-key / x-api-key headers carry the key too; a wrong one there is 401."""
+    assert ok(keyed_client, {"prompt": PROMPT, "max_tokens": 1}, headers=headers)["model"] == "tiny"
+    wrong = {name: "nope" for name in headers}
+    assert_envelope(post(keyed_client, {"prompt": PROMPT, "max_tokens": 1}, headers=wrong), 401,
+                    type_="authentication_error", code="invalid_api_key")
+
+
+def test_ready_needs_no_key_and_reports_loading(keyed_client, tiny_settings, engines):
+    """/ready is public; it is 503 while a served model is not loaded in the worker, then 200."""
+    from app import create_app
+
+    response = keyed_client.get("/ready")
+    assert response.status_code == 200 and response.get_json() == {"status": "ready", "models": ["tiny", "tiny-fim"]}
+    partial = create_app(tiny_settings, engines=[engines["tiny"]]).test_client()
+    response = partial.get("/ready")
+    assert response.status_code == 503 and response.get_json() == {"status": "loading", "loading": ["tiny-fim"]}
+
+
 def test_health_needs_no_key(keyed_client):
     """/health answers without a key."""
     response = keyed_client.get("/health")

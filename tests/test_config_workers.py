@@ -49,7 +49,7 @@ def models_table(**extra) -> dict:
 def test_defaults(config_file):
     """A file with only models gets the documented server and model defaults."""
     settings = load_settings(environ=config_file())
-    assert settings.bind == "0.0.0.0:5000"
+    assert settings.bind == "127.0.0.1:5000"  # the network only when asked for
     assert (settings.workers, settings.threads, settings.timeout) == (1, 16, 120)
     assert settings.device == "auto" and settings.torch_threads is None
     assert settings.api_keys == () and settings.debug is False
@@ -366,3 +366,14 @@ def test_cpu_has_native_bf16(tmp_path, flags, native):
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert loader.cpu_has_native_bf16(cpuinfo) is native
     assert loader.cpu_has_native_bf16(tmp_path / "absent") is False
+
+
+def test_api_keys_file_adds_keys(config_file, tmp_path):
+    """Keys from api_keys_file (comments and blank lines skipped) join the configured ones, once each."""
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalpha\n\nbeta  # bob\nk1\n")
+    environ = config_file(f'[server]\napi_keys = "k1"\napi_keys_file = "{keys}"\n' + MINIMAL)
+    assert load_settings(environ).api_keys == ("k1", "alpha", "beta")
+    environ = {**environ, "FAUXPILOT_API_KEYS_FILE": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        load_settings(environ)

@@ -42,6 +42,11 @@ class EngineRegistry:
         """The model used when a request names none."""
         return self.models[0].name
 
+    def not_loaded(self) -> list[str]:
+        """Names of the served models this worker has not loaded (yet)."""
+        # No lock: get() holds it for a whole load, and a readiness probe must not wait for that.
+        return [m.name for m in self.models if m.name not in self._engines]
+
     def load_all(self, slot: int = 0) -> None:
         """Load every configured model now (a worker does this in post_fork, before serving)."""
         self.slot = slot
