@@ -29,8 +29,9 @@ keepalive = 75
 # service is managed by signals (systemctl reload sends HUP) instead.
 control_socket_disable = True
 
-# Logging
-accesslog = "-"
+# Logging: to stderr for journald. The app writes one line per request itself (with the
+# request id, model and token counts), so gunicorn's access log would only repeat it.
+accesslog = None
 errorlog = "-"
 loglevel = "debug" if _settings.debug else "info"
 

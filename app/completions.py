@@ -55,6 +55,7 @@ def _presented_key() -> str:
 @bp.before_request
 def _authenticate() -> None:
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    g.started = time.perf_counter()
     keys = current_app.config["FAUXPILOT"].api_keys
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
@@ -65,9 +66,23 @@ def _authenticate() -> None:
         raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
 
+request_log = logging.getLogger("app.requests")
+
+
+def log_request(request_id: str, route: str, status: int, started: float, model: str | None = None,
+                usage: tuple[int, int] = (0, 0), note: str = "") -> None:
+    """One line per request for the journal: id, route, status, model, token counts, latency (no prompt text)."""
+    request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f%s",
+                     request_id, route, status, model or "-", usage[0], usage[1],
+                     (time.perf_counter() - started) * 1000, f" {note}" if note else "")
+
+
 @bp.after_request
 def _tag(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    if response.mimetype != "text/event-stream" and request.endpoint not in PUBLIC_ENDPOINTS:
+        log_request(g.get("request_id", "-"), f"{request.method} {request.path}", response.status_code,
+                    g.get("started", time.perf_counter()), g.get("model"), g.get("usage", (0, 0)))
     return response
 
 
@@ -131,6 +146,7 @@ def create_completion(engine: str | None = None):
     """Complete one or more prompts, whole or as a server-sent event stream."""
     req = parse_completion_request(_json_body())
     model = get_engines().get(engine or req.model)
+    g.model = model.name
     completion_id = f"cmpl-{g.request_id}"
     params = req.sampling_params(model.config)
     jobs = [model.prepare(prompt, params, suffix=req.suffix, n=req.n, echo=req.echo, request_id=g.request_id)
@@ -138,13 +154,17 @@ def create_completion(engine: str | None = None):
     release = model.gate.enter()
     client_gone = _client_gone_probe()
     if req.stream:
-        response = Response(_event_stream(model, jobs, req, completion_id, client_gone), mimetype="text/event-stream")
+        route = (g.request_id, f"{request.method} {request.path}", g.started)
+        response = Response(_event_stream(model, jobs, req, completion_id, client_gone, route),
+                            mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
         response.call_on_close(release)
         return response
     try:
-        return jsonify(_whole_completion(model, jobs, req, completion_id, client_gone))
+        body = _whole_completion(model, jobs, req, completion_id, client_gone)
+        g.usage = (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        return jsonify(body)
     finally:
         release()
 
@@ -162,7 +182,21 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
 
 
 def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                  client_gone: Callable[[], bool] | None) -> Iterator[str]:
+                  client_gone: Callable[[], bool] | None, route: tuple[str, str, float]) -> Iterator[str]:
+    """The server-sent events of a streamed completion, then its request log line however it ended."""
+    usage = [0, 0]
+    finished = False
+    try:
+        yield from _stream_events(model, jobs, req, completion_id, client_gone, usage)
+        finished = True
+    finally:
+        request_id, path, started = route
+        log_request(request_id, path, 200, started, model.name, (usage[0], usage[1]),
+                    "" if finished else "client went away")
+
+
+def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
+                   client_gone: Callable[[], bool] | None, usage: list[int]) -> Iterator[str]:
     created = int(time.time())
     with_logprobs = req.params.logprobs is not None
     prompt_tokens = completion_tokens = 0
@@ -176,6 +210,7 @@ def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, comple
                                                  delta.finish_reason))
             prompt_tokens += generation.prompt_tokens
             completion_tokens += generation.completion_tokens
+            usage[:] = [prompt_tokens, completion_tokens]
         if req.include_usage:
             yield sse_event(usage_chunk(completion_id, created, model.name,
                                         usage_object(prompt_tokens, completion_tokens)))

@@ -925,3 +925,33 @@ def test_busy_429(tiny_settings):
         release()
     assert ok(client, {"prompt": PROMPT, "max_tokens": 1})["model"] == "tiny"
     assert engine.gate.count == 0
+
+
+# -- request log -----------------------------------------------------------------------
+
+def request_lines(caplog) -> list[str]:
+    """The request log lines captured so far."""
+    return [r.getMessage() for r in caplog.records if r.name == "app.requests"]
+
+
+def test_one_log_line_per_request_without_prompt_text(client, caplog):
+    """Each completion logs its id (the client's X-Request-Id), status, model, token counts and latency."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="app.requests")
+    secret = "def secret_prompt_text():"
+    ok(client, {"prompt": secret, "max_tokens": 2}, headers={"X-Request-Id": "req-123"})
+    post(client, {"prompt": secret, "max_tokens": -1}, headers={"X-Request-Id": "req-400"})
+    response = post(client, {"prompt": secret, "max_tokens": 2, "stream": True}, headers={"X-Request-Id": "req-sse"})
+    response.get_data()
+    response.close()
+    lines = request_lines(caplog)
+    assert len(lines) == 3, lines
+    whole, bad, streamed = lines
+    assert whole.startswith("request req-123 POST /v1/completions status=200 model=tiny prompt_tokens=")
+    assert "completion_tokens=2 latency_ms=" in whole
+    assert bad.startswith("request req-400 POST /v1/completions status=400 model=- ")
+    assert streamed.startswith("request req-sse POST /v1/completions status=200 model=tiny")
+    assert "completion_tokens=2" in streamed and "went away" not in streamed
+    assert not any(secret in line for line in lines)
+    assert client.get("/health").status_code == 200 and len(request_lines(caplog)) == 3  # probes stay quiet
