@@ -42,7 +42,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
 def handle_error(exc: Exception):
     """Every failure leaves as an OpenAI error envelope; only real faults are 5xx, never a traceback."""
     if isinstance(exc, APIError):
-        return jsonify(api_error_envelope(exc)), exc.status
+        return jsonify(api_error_envelope(exc)), exc.status, exc.headers
     if isinstance(exc, HTTPException):
         kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
         code = (exc.name or "error").lower().replace(" ", "_")

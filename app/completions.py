@@ -128,6 +128,22 @@ def _client_gone_probe() -> Callable[[], bool] | None:
     return client_gone
 
 
+# What a request's generation watches: the client-gone probe and the wall-clock deadline.
+Watch = tuple["Callable[[], bool] | None", "float | None"]
+
+
+def _check_limits(req: CompletionRequest, settings) -> None:
+    """Refuse requests bigger than the server allows (400)."""
+    if req.max_tokens is not None and req.max_tokens > settings.max_tokens_limit:
+        raise InvalidRequestError(f"max_tokens is {req.max_tokens}; this server allows at most "
+                                  f"{settings.max_tokens_limit}.", param="max_tokens", code="max_tokens_too_large")
+    sequences = len(req.prompts) * max(req.n, req.best_of or 1)
+    if sequences > settings.max_sequences:
+        raise InvalidRequestError(f"this request asks for {sequences} sequences (prompts × max(n, best_of)); this "
+                                  f"server allows at most {settings.max_sequences}.",
+                                  param="best_of" if (req.best_of or 1) > req.n else "n", code="too_many_sequences")
+
+
 def _json_body() -> object:
     content_type = request.mimetype or ""
     if content_type not in JSON_CONTENT_TYPES:
@@ -144,7 +160,9 @@ def _json_body() -> object:
 @bp.post("/v1/engines/<path:engine>/completion")
 def create_completion(engine: str | None = None):
     """Complete one or more prompts, whole or as a server-sent event stream."""
+    settings = current_app.config["FAUXPILOT"]
     req = parse_completion_request(_json_body())
+    _check_limits(req, settings)
     model = get_engines().get(engine or req.model)
     g.model = model.name
     completion_id = f"cmpl-{g.request_id}"
@@ -153,16 +171,17 @@ def create_completion(engine: str | None = None):
             for prompt in req.prompts]
     release = model.gate.enter()
     client_gone = _client_gone_probe()
+    deadline = time.monotonic() + settings.request_timeout if settings.request_timeout else None
     if req.stream:
         route = (g.request_id, f"{request.method} {request.path}", g.started)
-        response = Response(_event_stream(model, jobs, req, completion_id, client_gone, route),
+        response = Response(_event_stream(model, jobs, req, completion_id, (client_gone, deadline), route),
                             mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
         response.call_on_close(release)
         return response
     try:
-        body = _whole_completion(model, jobs, req, completion_id, client_gone)
+        body = _whole_completion(model, jobs, req, completion_id, (client_gone, deadline))
         g.usage = (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return jsonify(body)
     finally:
@@ -170,10 +189,11 @@ def create_completion(engine: str | None = None):
 
 
 def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                      client_gone: Callable[[], bool] | None) -> dict:
+                      watch: Watch) -> dict:
     choices, completion_tokens = [], 0
+    client_gone, deadline = watch
     for number, job in enumerate(jobs):
-        for result in model.complete(job, best_of=req.best_of, client_gone=client_gone):
+        for result in model.complete(job, best_of=req.best_of, client_gone=client_gone, deadline=deadline):
             choices.append((number * req.n + result.index, result))
             completion_tokens += result.completion_tokens
     prompt_tokens = sum(job.prompt_tokens for job in jobs)
@@ -182,12 +202,12 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
 
 
 def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                  client_gone: Callable[[], bool] | None, route: tuple[str, str, float]) -> Iterator[str]:
+                  watch: Watch, route: tuple[str, str, float]) -> Iterator[str]:
     """The server-sent events of a streamed completion, then its request log line however it ended."""
     usage = [0, 0]
     finished = False
     try:
-        yield from _stream_events(model, jobs, req, completion_id, client_gone, usage)
+        yield from _stream_events(model, jobs, req, completion_id, watch, usage)
         finished = True
     finally:
         request_id, path, started = route
@@ -196,13 +216,13 @@ def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, comple
 
 
 def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                   client_gone: Callable[[], bool] | None, usage: list[int]) -> Iterator[str]:
+                   watch: Watch, usage: list[int]) -> Iterator[str]:
     created = int(time.time())
     with_logprobs = req.params.logprobs is not None
     prompt_tokens = completion_tokens = 0
     try:
         for number, job in enumerate(jobs):
-            generation = Generation(model, job, client_gone)
+            generation = Generation(model, job, *watch)
             with closing(iter(generation)) as deltas:
                 for delta in deltas:
                     yield sse_event(stream_chunk(completion_id, created, model.name, number * req.n + delta.index,

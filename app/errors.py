@@ -8,6 +8,7 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     default_code: str | None = None
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -45,6 +46,7 @@ class ServerBusyError(APIError):
     status = 429
     type = "rate_limit_error"
     default_code = "server_busy"
+    headers = {"Retry-After": "1"}
 
 
 class ModelUnavailableError(APIError):
@@ -53,3 +55,12 @@ class ModelUnavailableError(APIError):
     status = 503
     type = "server_error"
     default_code = "model_unavailable"
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past the server's wall-clock limit and was stopped (HTTP 503, retry later)."""
+
+    status = 503
+    type = "server_error"
+    default_code = "request_timeout"
+    headers = {"Retry-After": "1"}

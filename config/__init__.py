@@ -86,6 +86,9 @@ class Settings:
     api_keys_file: Path | None = None  # more keys, one per line ('#' comments), read at start-up
     debug: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 4096  # a request's max_tokens above this is a 400
+    max_sequences: int = 16  # prompts × max(n, best_of) above this is a 400
+    request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
     max_batch: int = 8
     max_waiting: int = 8
     prefix_cache: bool = True
@@ -158,10 +161,10 @@ def _validated(settings: Settings) -> Settings:
             if alias in seen:
                 raise ConfigError(f"name {alias!r} is used by both {seen[alias]!r} and {model.name!r}")
             seen[alias] = model.name
-    for key in ("workers", "threads", "max_batch"):
+    for key in ("workers", "threads", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("max_waiting", "prefix_cache_mb"):
+    for key in ("max_waiting", "prefix_cache_mb", "request_timeout"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings
@@ -183,6 +186,13 @@ def _env_int(value: str) -> int:
         raise ConfigError(f"expected an integer, got {value!r}") from None
 
 
+def _env_float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"expected a number, got {value!r}") from None
+
+
 # Environment variable -> (setting, parser).  FAUXPILOT_MODEL is handled apart.
 ENV_OVERRIDES = {
     "FAUXPILOT_BIND": ("bind", str),
@@ -200,6 +210,10 @@ ENV_OVERRIDES = {
     "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
     "FAUXPILOT_PREFIX_CACHE": ("prefix_cache", _env_bool),
     "FAUXPILOT_PREFIX_CACHE_MB": ("prefix_cache_mb", _env_int),
+    "FAUXPILOT_MAX_REQUEST_BYTES": ("max_request_bytes", _env_int),
+    "FAUXPILOT_MAX_TOKENS_LIMIT": ("max_tokens_limit", _env_int),
+    "FAUXPILOT_MAX_SEQUENCES": ("max_sequences", _env_int),
+    "FAUXPILOT_REQUEST_TIMEOUT": ("request_timeout", _env_float),
     "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
 }
 

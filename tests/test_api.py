@@ -707,7 +707,6 @@ def test_huge_seed_is_400_not_500(client, stream):
     {"prompt": PROMPT, "max_tokens": 257},
     {"prompt": PROMPT, "max_tokens": 255},
     {"prompt": "x " * 300, "max_tokens": 1},
-    {"prompt": PROMPT, "max_tokens": 10**30},
 ])
 def test_context_length_exceeded(client, body):
     """Prompt plus max_tokens beyond the 256-token context is a 400 context_length_exceeded."""
@@ -921,6 +920,7 @@ def test_busy_429(tiny_settings):
         assert error["message"]
         response = post(client, {"prompt": PROMPT, "max_tokens": 1, "stream": True})
         assert_envelope(response, 429, type_="rate_limit_error", code="server_busy")
+        assert response.headers["Retry-After"] == "1"  # when to come back
     finally:
         release()
     assert ok(client, {"prompt": PROMPT, "max_tokens": 1})["model"] == "tiny"
@@ -955,3 +955,43 @@ def test_one_log_line_per_request_without_prompt_text(client, caplog):
     assert "completion_tokens=2" in streamed and "went away" not in streamed
     assert not any(secret in line for line in lines)
     assert client.get("/health").status_code == 200 and len(request_lines(caplog)) == 3  # probes stay quiet
+
+
+
+# -- server limits ---------------------------------------------------------------------
+
+def limited_client(tiny_settings, engines, **limits):
+    """A client of an app with some limits changed."""
+    from app import create_app
+
+    return create_app(tiny_settings.replace(**limits), engines=engines.values()).test_client()
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": PROMPT, "max_tokens": 10**30}, "max_tokens"),
+    ({"prompt": PROMPT, "max_tokens": 9}, "max_tokens"),
+    ({"prompt": PROMPT, "n": 5}, "n"),
+    ({"prompt": PROMPT, "n": 2, "best_of": 5}, "best_of"),
+    ({"prompt": [PROMPT] * 3, "n": 2}, "n"),
+])
+def test_limits_are_400(tiny_settings, engines, body, param):
+    """max_tokens above max_tokens_limit, or more sequences than max_sequences, is refused up front."""
+    client = limited_client(tiny_settings, engines, max_tokens_limit=8, max_sequences=4)
+    error = assert_envelope(post(client, body), 400, param=param)
+    assert error["code"] in ("max_tokens_too_large", "too_many_sequences")
+    assert ok(client, {"prompt": [PROMPT] * 2, "n": 2, "max_tokens": 8})["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_past_time_limit_is_stopped(tiny_settings, engines, stream):
+    """Past request_timeout a request stops: 503 with Retry-After, or an error event that ends the stream."""
+    client = limited_client(tiny_settings, engines, request_timeout=1e-6)
+    response = post(client, {"prompt": PROMPT, "max_tokens": 50, "stream": stream})
+    if stream:
+        payloads = sse_payloads(response)  # checks the stream still ends with [DONE]
+        assert json.loads(payloads[-1])["error"]["code"] == "request_timeout"
+    else:
+        error = assert_envelope(response, 503, type_="server_error", code="request_timeout")
+        assert response.headers["Retry-After"] == "1" and "longer than this server allows" in error["message"]
+    response.close()
+    assert engines["tiny"].gate.count == 0 and engines["tiny"].scheduler.load[0] == 0

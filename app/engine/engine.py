@@ -13,7 +13,7 @@ import torch
 
 from config import ModelConfig
 
-from ..errors import InvalidRequestError, ServerBusyError
+from ..errors import InvalidRequestError, RequestTimeoutError, ServerBusyError
 from .generate import CausalRunner, Seq2SeqRunner
 from .healing import Healing, TokenHealer
 from .kvcache import PrefixCache
@@ -224,13 +224,13 @@ class Engine:
 
     # -- running -------------------------------------------------------------
 
-    def complete(self, job: Job, best_of: int | None = None,
-                 client_gone: Callable[[], bool] | None = None) -> list[SequenceResult]:
+    def complete(self, job: Job, best_of: int | None = None, client_gone: Callable[[], bool] | None = None,
+                 deadline: float | None = None) -> list[SequenceResult]:
         """Run a job to the end; with ``best_of``, sample that many and keep the ``n`` most likely."""
         wanted = job.n
         if best_of and best_of > job.n:
             job = dataclasses.replace(job, n=best_of)
-        generation = Generation(self, job, client_gone)
+        generation = Generation(self, job, client_gone, deadline)
         for _ in generation:
             pass
         results = generation.results()
@@ -294,10 +294,12 @@ class Generation:
 
     POLL_SECONDS = 0.05
 
-    def __init__(self, engine: Engine, job: Job, client_gone: Callable[[], bool] | None = None):
+    def __init__(self, engine: Engine, job: Job, client_gone: Callable[[], bool] | None = None,
+                 deadline: float | None = None):
         self.engine = engine
         self.job = job
         self.client_gone = client_gone
+        self.deadline = deadline  # time.monotonic() after which the request is stopped
         self._next_check = 0.0  # monotonic time of the next client_gone poll
         self.sequences: list[SequenceState] = []
         self.echo_logprobs: list[TokenLogprob] = []
@@ -351,15 +353,19 @@ class Generation:
 
     def _next(self, work: Work):
         """The next item of ``work.out``, or GONE (the work cancelled) once the client has gone away."""
-        if self.client_gone is None:
+        if self.client_gone is None and self.deadline is None:
             return work.out.get()
         while True:
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + self.POLL_SECONDS
-                if self.client_gone():
+                if self.client_gone is not None and self.client_gone():
                     log.info("[%s] client went away: request cancelled", self.job.request_id)
                     return GONE
+                if self.deadline is not None and now >= self.deadline:
+                    log.warning("[%s] request stopped at the server's time limit", self.job.request_id)
+                    raise RequestTimeoutError("The request took longer than this server allows and was stopped; "
+                                              "retry, perhaps with a smaller max_tokens.")
             try:
                 return work.out.get(timeout=max(self._next_check - now, 0.001))
             except queue.Empty:
