@@ -3,7 +3,14 @@
 Values come from config/fauxpilot.toml and FAUXPILOT_* environment variables;
 gunicorn's own command-line flags still override them.
 """
+import os
+import tempfile
+
 from config import load_settings
+
+# Metrics: each worker writes its values to files in this folder and /metrics sums them
+# (prometheus-client's multiprocess mode). It must be set before any worker imports the app.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fauxpilot-metrics-"))
 
 _settings = load_settings()
 
@@ -43,6 +50,21 @@ def pre_fork(server, worker):
     from app.workers import free_slot
 
     worker.slot = free_slot(w.slot for w in server.WORKERS.values())
+
+
+def on_starting(server):
+    """Start the metrics from zero: drop files a previous run left in the metrics folder."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    """Retire a dead worker's live gauges (its counters still count)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):

@@ -23,6 +23,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     """
     from .completions import bp
     from .engine.registry import EngineRegistry
+    from .metrics import Metrics
 
     if isinstance(config, Settings):
         settings = config
@@ -34,6 +35,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     app.config.update(FAUXPILOT=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False
     app.extensions["fauxpilot"] = EngineRegistry(settings, engines)
+    app.extensions["metrics"] = Metrics(settings.metrics_dir)
     app.register_blueprint(bp)
     app.register_error_handler(Exception, handle_error)
     return app

@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -16,6 +17,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from .engine import Engine, Generation, Job
 from .engine.registry import EngineRegistry
 from .errors import APIError, AuthenticationError, InvalidRequestError
+from .metrics import Metrics
 from .protocol import (
     CompletionRequest,
     api_error_envelope,
@@ -42,6 +44,7 @@ def get_engines() -> EngineRegistry:
 
 
 PUBLIC_ENDPOINTS = ("completions.health", "completions.ready")
+QUIET_ENDPOINTS = (*PUBLIC_ENDPOINTS, "completions.metrics")  # probes and scrapes: no log line
 
 
 def _presented_key() -> str:
@@ -55,7 +58,8 @@ def _presented_key() -> str:
 @bp.before_request
 def _authenticate() -> None:
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    g.started = time.perf_counter()
+    g.record = RequestRecord(g.request_id, f"{request.method} {request.path}", time.perf_counter(),
+                             current_app.extensions["metrics"])
     keys = current_app.config["FAUXPILOT"].api_keys
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
@@ -69,20 +73,34 @@ def _authenticate() -> None:
 request_log = logging.getLogger("app.requests")
 
 
-def log_request(request_id: str, route: str, status: int, started: float, model: str | None = None,
-                usage: tuple[int, int] = (0, 0), note: str = "") -> None:
-    """One line per request for the journal: id, route, status, model, token counts, latency (no prompt text)."""
-    request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f%s",
-                     request_id, route, status, model or "-", usage[0], usage[1],
-                     (time.perf_counter() - started) * 1000, f" {note}" if note else "")
+@dataclass
+class RequestRecord:
+    """What one request's log line and metrics say: filled in as the request goes, written when it ends."""
+
+    request_id: str
+    route: str
+    started: float
+    metrics: Metrics
+    engine: Engine | None = None
+    usage: tuple[int, int] = (0, 0)
+
+    def finish(self, status: int, note: str = "") -> None:
+        """Write the request's log line (no prompt text) and count it in the metrics."""
+        model = self.engine.name if self.engine else None
+        request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f%s",
+                         self.request_id, self.route, status, model or "-", self.usage[0], self.usage[1],
+                         (time.perf_counter() - self.started) * 1000, f" {note}" if note else "")
+        self.metrics.record(model, status, self.started, self.usage)
+        if self.engine is not None:
+            self.metrics.observe_engine(self.engine)
 
 
 @bp.after_request
 def _tag(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
-    if response.mimetype != "text/event-stream" and request.endpoint not in PUBLIC_ENDPOINTS:
-        log_request(g.get("request_id", "-"), f"{request.method} {request.path}", response.status_code,
-                    g.get("started", time.perf_counter()), g.get("model"), g.get("usage", (0, 0)))
+    record = g.get("record")
+    if record is not None and response.mimetype != "text/event-stream" and request.endpoint not in QUIET_ENDPOINTS:
+        record.finish(response.status_code)
     return response
 
 
@@ -100,6 +118,15 @@ def ready():
     if loading:
         return jsonify(status="loading", loading=loading), 503
     return jsonify(status="ready", models=[m.name for m in registry.models])
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus metrics (all workers' under gunicorn)."""
+    registry = current_app.extensions["metrics"]
+    for engine in get_engines().loaded():
+        registry.observe_engine(engine)
+    return Response(registry.exposition(), content_type=registry.content_type)
 
 
 @bp.get("/v1/models")
@@ -164,7 +191,7 @@ def create_completion(engine: str | None = None):
     req = parse_completion_request(_json_body())
     _check_limits(req, settings)
     model = get_engines().get(engine or req.model)
-    g.model = model.name
+    g.record.engine = model
     completion_id = f"cmpl-{g.request_id}"
     params = req.sampling_params(model.config)
     jobs = [model.prepare(prompt, params, suffix=req.suffix, n=req.n, echo=req.echo, request_id=g.request_id)
@@ -173,8 +200,7 @@ def create_completion(engine: str | None = None):
     client_gone = _client_gone_probe()
     deadline = time.monotonic() + settings.request_timeout if settings.request_timeout else None
     if req.stream:
-        route = (g.request_id, f"{request.method} {request.path}", g.started)
-        response = Response(_event_stream(model, jobs, req, completion_id, (client_gone, deadline), route),
+        response = Response(_event_stream(model, jobs, req, completion_id, (client_gone, deadline), g.record),
                             mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
@@ -182,7 +208,7 @@ def create_completion(engine: str | None = None):
         return response
     try:
         body = _whole_completion(model, jobs, req, completion_id, (client_gone, deadline))
-        g.usage = (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        g.record.usage = (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return jsonify(body)
     finally:
         release()
@@ -202,7 +228,7 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
 
 
 def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                  watch: Watch, route: tuple[str, str, float]) -> Iterator[str]:
+                  watch: Watch, record: RequestRecord) -> Iterator[str]:
     """The server-sent events of a streamed completion, then its request log line however it ended."""
     usage = [0, 0]
     finished = False
@@ -210,9 +236,8 @@ def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, comple
         yield from _stream_events(model, jobs, req, completion_id, watch, usage)
         finished = True
     finally:
-        request_id, path, started = route
-        log_request(request_id, path, 200, started, model.name, (usage[0], usage[1]),
-                    "" if finished else "client went away")
+        record.usage = (usage[0], usage[1])
+        record.finish(200, "" if finished else "client went away")
 
 
 def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,

@@ -89,6 +89,7 @@ class Settings:
     max_tokens_limit: int = 4096  # a request's max_tokens above this is a 400
     max_sequences: int = 16  # prompts × max(n, best_of) above this is a 400
     request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
+    metrics_dir: str | None = None  # prometheus-client's multiprocess folder (gunicorn.conf.py sets one)
     max_batch: int = 8
     max_waiting: int = 8
     prefix_cache: bool = True
@@ -214,6 +215,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_MAX_TOKENS_LIMIT": ("max_tokens_limit", _env_int),
     "FAUXPILOT_MAX_SEQUENCES": ("max_sequences", _env_int),
     "FAUXPILOT_REQUEST_TIMEOUT": ("request_timeout", _env_float),
+    "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", lambda v: v or None),
     "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
 }
 

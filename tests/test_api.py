@@ -995,3 +995,18 @@ def test_request_past_time_limit_is_stopped(tiny_settings, engines, stream):
         assert response.headers["Retry-After"] == "1" and "longer than this server allows" in error["message"]
     response.close()
     assert engines["tiny"].gate.count == 0 and engines["tiny"].scheduler.load[0] == 0
+
+
+def test_metrics_count_requests_tokens_and_batch(client):
+    """/metrics exports request counts by model and status, token counts, batch and cache gauges."""
+    ok(client, {"prompt": PROMPT, "max_tokens": 3})
+    post(client, {"prompt": PROMPT, "max_tokens": -1})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    assert 'fauxpilot_requests_total{model="tiny",status="200"} 1.0' in text
+    assert 'fauxpilot_requests_total{model="-",status="400"} 1.0' in text
+    assert 'fauxpilot_completion_tokens_total{model="tiny"} 3.0' in text
+    assert 'fauxpilot_request_duration_seconds_count{model="tiny"} 1.0' in text
+    assert 'fauxpilot_running_sequences{model="tiny"} 0.0' in text
+    assert 'fauxpilot_prefix_cache_misses{model="tiny"}' in text

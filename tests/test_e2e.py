@@ -143,6 +143,21 @@ def test_copilot_request(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_metrics_sum_the_workers(server):
+    """/metrics under gunicorn (multiprocess mode) counts the completions this module has made."""
+    status, content_type, text = server.request("GET", "/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("fauxpilot_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels] = float(value)
+    assert counts.get('fauxpilot_requests_total{model="smollm2-135m",status="200"}', 0) >= 4, counts
+    assert counts.get('fauxpilot_requests_total{model="-",status="400"}', 0) >= 1, counts
+    tokens = next(line for line in text.splitlines() if line.startswith('fauxpilot_completion_tokens_total{'))
+    assert float(tokens.rsplit(" ", 1)[1]) > 48
+
+
 def test_abandoned_request_is_cancelled(server):
     """A client that hangs up before its answer is noticed while it waits, and its work stops."""
     # End-of-sequence tokens banned: the answer takes seconds, far longer than the client waits.

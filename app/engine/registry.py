@@ -42,6 +42,10 @@ class EngineRegistry:
         """The model used when a request names none."""
         return self.models[0].name
 
+    def loaded(self) -> list[Engine]:
+        """The engines this worker has loaded."""
+        return list(self._engines.values())
+
     def not_loaded(self) -> list[str]:
         """Names of the served models this worker has not loaded (yet)."""
         # No lock: get() holds it for a whole load, and a readiness probe must not wait for that.
