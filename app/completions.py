@@ -18,6 +18,7 @@ from .engine import Engine, Generation, Job
 from .engine.registry import EngineRegistry
 from .errors import APIError, AuthenticationError, InvalidRequestError
 from .metrics import Metrics
+from .openapi import openapi_document
 from .protocol import (
     CompletionRequest,
     api_error_envelope,
@@ -43,7 +44,7 @@ def get_engines() -> EngineRegistry:
     return current_app.extensions["fauxpilot"]
 
 
-PUBLIC_ENDPOINTS = ("completions.health", "completions.ready")
+PUBLIC_ENDPOINTS = ("completions.health", "completions.ready", "completions.openapi")
 QUIET_ENDPOINTS = (*PUBLIC_ENDPOINTS, "completions.metrics")  # probes and scrapes: no log line
 
 
@@ -118,6 +119,12 @@ def ready():
     if loading:
         return jsonify(status="loading", loading=loading), 503
     return jsonify(status="ready", models=[m.name for m in registry.models])
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI document of this API (generated from the protocol's schemas)."""
+    return jsonify(openapi_document())
 
 
 @bp.get("/metrics")

@@ -50,6 +50,25 @@ class _StrictBoolean(fields.Boolean):
         return value
 
 
+def _valid_text(value: str) -> bool:
+    """Whether a JSON string is real text (JSON can carry lone surrogates, which no tokenizer takes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Text(fields.String):
+    """A string of real Unicode text."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not _valid_text(text):
+            raise ValidationError("must be valid Unicode text (it contains a lone surrogate)")
+        return text
+
+
 class _StringOrList(fields.Field):
     """A string or a list of strings, loaded as a tuple of strings."""
 
@@ -60,9 +79,11 @@ class _StringOrList(fields.Field):
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):
-            return (value,)
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValidationError("must be a string or an array of strings")
+        if not all(_valid_text(v) for v in value):
+            raise ValidationError("must be valid Unicode text (it contains a lone surrogate)")
         if len(value) < self.min_items:
             raise ValidationError(f"must have at least {self.min_items} item(s)")
         if self.max_items is not None and len(value) > self.max_items:
@@ -125,9 +146,9 @@ class CompletionRequestSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    model = fields.String(allow_none=True)
+    model = _Text(allow_none=True)
     prompt = _StringOrList(min_items=1, allow_none=True)
-    suffix = fields.String(allow_none=True)
+    suffix = _Text(allow_none=True)
     max_tokens = _StrictInteger(allow_none=True, validate=validate.Range(min=0))
     temperature = _Number(allow_none=True, validate=validate.Range(min=0, max=2))
     top_p = _Number(allow_none=True, validate=validate.Range(min=0, max=1, min_inclusive=False))
@@ -141,7 +162,7 @@ class CompletionRequestSchema(Schema):
     presence_penalty = _Number(allow_none=True, validate=validate.Range(min=-2, max=2))
     frequency_penalty = _Number(allow_none=True, validate=validate.Range(min=-2, max=2))
     logit_bias = _LogitBias(allow_none=True)
-    user = fields.String(allow_none=True)
+    user = _Text(allow_none=True)
     # int64, as OpenAI documents it (torch's generator also refuses anything past 64 bits).
     seed = _StrictInteger(allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
 
@@ -295,3 +316,78 @@ def model_list(models: Iterable[ModelConfig], created: int) -> dict:
         data.append({"id": model.name, "object": "model", "created": created, "owned_by": "fauxpilot-lite",
                      "aliases": list(model.aliases), "fill_in_the_middle": model.fim is not None})
     return {"object": "list", "data": data}
+
+
+# -- response schemas: the OpenAPI document is generated from these, and tests check the builders
+# -- against them ------------------------------------------------------------------------------
+
+
+class LogprobsSchema(Schema):
+    """``choices[].logprobs`` when requested."""
+
+    tokens = fields.List(fields.String(), required=True)
+    token_logprobs = fields.List(fields.Float(allow_none=True), required=True)
+    top_logprobs = fields.List(fields.Dict(keys=fields.String(), values=fields.Float()), allow_none=True,
+                               required=True)
+    text_offset = fields.List(fields.Integer(), required=True)
+
+
+class ChoiceSchema(Schema):
+    """One generated choice."""
+
+    index = fields.Integer(required=True)
+    text = fields.String(required=True)
+    logprobs = fields.Nested(LogprobsSchema, allow_none=True, required=True)
+    finish_reason = fields.String(allow_none=True, required=True, validate=validate.OneOf(["stop", "length"]))
+
+
+class UsageSchema(Schema):
+    """Token counts of a completion."""
+
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+
+
+class CompletionSchema(Schema):
+    """A ``text_completion`` object: the whole answer, or one chunk of a stream (``usage`` null there)."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, validate=validate.Equal("text_completion"))
+    created = fields.Integer(required=True)
+    model = fields.String(required=True)
+    choices = fields.List(fields.Nested(ChoiceSchema), required=True)
+    usage = fields.Nested(UsageSchema, allow_none=True)
+
+
+class ErrorSchema(Schema):
+    """The ``error`` object of an error envelope."""
+
+    message = fields.String(required=True)
+    type = fields.String(required=True)
+    param = fields.String(allow_none=True, required=True)
+    code = fields.Raw(allow_none=True, required=True)
+
+
+class ErrorEnvelopeSchema(Schema):
+    """Every failure: ``{"error": {message, type, param, code}}``."""
+
+    error = fields.Nested(ErrorSchema, required=True)
+
+
+class ModelSchema(Schema):
+    """One served model."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+    aliases = fields.List(fields.String())
+    fill_in_the_middle = fields.Boolean()
+
+
+class ModelListSchema(Schema):
+    """``GET /v1/models``."""
+
+    object = fields.String(required=True)
+    data = fields.List(fields.Nested(ModelSchema), required=True)

@@ -1010,3 +1010,40 @@ def test_metrics_count_requests_tokens_and_batch(client):
     assert 'fauxpilot_request_duration_seconds_count{model="tiny"} 1.0' in text
     assert 'fauxpilot_running_sequences{model="tiny"} 0.0' in text
     assert 'fauxpilot_prefix_cache_misses{model="tiny"}' in text
+
+
+# -- the OpenAPI document and the response schemas ------------------------------------------
+
+OPENAI_FIELDS = {"model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+                 "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
+                 "seed"}
+
+
+def test_openapi_document_is_public_and_generated_from_the_schemas(keyed_client):
+    """/openapi.json needs no key and describes every request field and every endpoint."""
+    response = keyed_client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.get_json()
+    assert document["openapi"] == "3.0.3"
+    assert {"/v1/completions", "/v1/engines/{engine}/completions", "/v1/models", "/health", "/ready",
+            "/metrics"} <= set(document["paths"])
+    request = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert set(request) == OPENAI_FIELDS
+    assert request["temperature"]["maximum"] == 2 and request["stop"]["oneOf"][1]["maxItems"] == 4
+    post_op = document["paths"]["/v1/completions"]["post"]
+    assert {"200", "400", "401", "404", "413", "429", "503"} <= set(post_op["responses"])
+
+
+def test_responses_match_their_schemas(client):
+    """Whole completions (with logprobs), stream chunks, errors and the model list fit the documented schemas."""
+    from app.protocol import CompletionSchema, ErrorEnvelopeSchema, ModelListSchema
+
+    body = ok(client, {"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "n": 2})
+    assert CompletionSchema().validate(body) == {}
+    response = post(client, {"prompt": PROMPT, "max_tokens": 3, "stream": True,
+                             "stream_options": {"include_usage": True}})
+    for payload in sse_payloads(response):
+        assert CompletionSchema().validate(json.loads(payload)) == {}
+    error = post(client, {"prompt": PROMPT, "temperature": 9}).get_json()
+    assert ErrorEnvelopeSchema().validate(error) == {}
+    assert ModelListSchema().validate(client.get("/v1/models").get_json()) == {}

@@ -1,0 +1,84 @@
+"""The OpenAPI document of the API, generated from the marshmallow schemas of app.protocol."""
+from __future__ import annotations
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from .protocol import (
+    MAX_STOP_STRINGS,
+    CompletionRequestSchema,
+    CompletionSchema,
+    ErrorEnvelopeSchema,
+    ModelListSchema,
+    _LogitBias,
+    _StringOrList,
+)
+
+ERRORS = {
+    "400": "Invalid request: malformed body, a field out of range (`param` names it), context or server limits",
+    "401": "Missing or wrong API key (when keys are configured)",
+    "404": "Unknown model or engine",
+    "413": "Request body too large",
+    "429": "Too many requests in progress on this worker; see Retry-After",
+    "503": "Model unavailable, or the request ran past the server's time limit; see Retry-After",
+}
+
+
+def _custom_fields(converter, field, **kwargs) -> dict:
+    """OpenAPI properties of the protocol's own field types."""
+    if isinstance(field, _StringOrList):
+        array = {"type": "array", "items": {"type": "string"}}
+        if field.max_items is not None:
+            array["maxItems"] = field.max_items
+        if field.min_items:
+            array["minItems"] = field.min_items
+        return {"oneOf": [{"type": "string"}, array]}
+    if isinstance(field, _LogitBias):
+        return {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                "description": "token id (as a string) -> bias added to its logit"}
+    return {}
+
+
+def _json(schema: str) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
+def _completion_operation(summary: str, parameters: list | None = None) -> dict:
+    responses = {"200": {"description": "The completion, or with `stream` server-sent events of chunks "
+                                        "(each a CompletionSchema) ending with `data: [DONE]`",
+                         "content": {**_json("Completion"), "text/event-stream": {"schema": {"type": "string"}}}}}
+    responses.update({code: {"description": text, "content": _json("ErrorEnvelope")} for code, text in ERRORS.items()})
+    operation = {"summary": summary, "requestBody": {"required": True, "content": _json("CompletionRequest")},
+                 "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def openapi_document(version: str = "1") -> dict:
+    """The API as an OpenAPI 3 document."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(title="FauxPilot Lite", version=version, openapi_version="3.0.3", plugins=[plugin],
+                   info={"description": "OpenAI / Copilot completions served from a Hugging Face model. "
+                                        f"`stop` takes at most {MAX_STOP_STRINGS} strings."})
+    plugin.converter.add_attribute_function(_custom_fields)
+    spec.components.schema("CompletionRequest", schema=CompletionRequestSchema)
+    spec.components.schema("Completion", schema=CompletionSchema)
+    spec.components.schema("ErrorEnvelope", schema=ErrorEnvelopeSchema)
+    spec.components.schema("ModelList", schema=ModelListSchema)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    engine = [{"name": "engine", "in": "path", "required": True, "schema": {"type": "string"},
+               "description": "a served model's name or alias (FauxPilot clients use e.g. `codegen`)"}]
+    spec.path("/v1/completions", operations={"post": _completion_operation("Complete a prompt")})
+    spec.path("/v1/engines/{engine}/completions",
+              operations={"post": _completion_operation("Complete a prompt with the named engine", engine)})
+    spec.path("/v1/models", operations={"get": {"summary": "The served models and their aliases", "responses": {
+        "200": {"description": "model list", "content": _json("ModelList")}}}})
+    for path, summary in (("/health", "Liveness"), ("/ready", "Readiness: every model loaded in this worker")):
+        spec.path(path, operations={"get": {"summary": summary, "security": [], "responses": {
+            "200": {"description": "yes"}, **({"503": {"description": "still loading"}} if path == "/ready" else {})}}})
+    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": {
+        "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}})
+    document = spec.to_dict()
+    document["security"] = [{"bearer": []}, {}]  # a key only when the server has keys
+    return document
