@@ -64,7 +64,7 @@ def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
         # The developer typed a few more characters: the previous prompt is a prefix.
         prompt += f"x{i} = "
         typing.append(timed_completion(engine, prompt, max_tokens))
-    _report(f"long prompt + keystrokes (prefix reused)", typing)
+    _report("long prompt + keystrokes (prefix reused)", typing)
 
 
 def http_completion(url: str, prompt: str, max_tokens: int, engine: str = "codegen") -> tuple[float, float, int]:
