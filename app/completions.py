@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from . import copilot_token
 from .engine import Engine, Generation, Job
 from .engine.registry import EngineRegistry
 from .errors import APIError, AuthenticationError, InvalidRequestError
@@ -45,7 +46,8 @@ def get_engines() -> EngineRegistry:
 
 
 PUBLIC_ENDPOINTS = ("completions.health", "completions.ready", "completions.openapi")
-QUIET_ENDPOINTS = (*PUBLIC_ENDPOINTS, "completions.metrics")  # probes and scrapes: no log line
+QUIET_ENDPOINTS = (*PUBLIC_ENDPOINTS, "completions.metrics", "completions.copilot_token_endpoint",
+                   "completions.copilot_user")  # probes and scrapes: no log line
 
 
 def _presented_key() -> str:
@@ -64,11 +66,12 @@ def _authenticate() -> None:
     keys = current_app.config["FAUXPILOT"].api_keys
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
-    presented = _presented_key().encode()
+    presented = _presented_key()
     # Compare with every key, so the time taken says nothing about which one almost matched.
-    matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
-    if not presented or not any(matches):
-        raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
+    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
+    if presented and (any(matches) or copilot_token.verify(presented, keys)):
+        return
+    raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
 
 request_log = logging.getLogger("app.requests")
@@ -99,6 +102,8 @@ class RequestRecord:
 @bp.after_request
 def _tag(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    # Copilot clients refuse GitHub API replies without it.
+    response.headers["X-GitHub-Request-Id"] = g.get("request_id", "")
     record = g.get("record")
     if record is not None and response.mimetype != "text/event-stream" and request.endpoint not in QUIET_ENDPOINTS:
         record.finish(response.status_code)
@@ -119,6 +124,25 @@ def ready():
     if loading:
         return jsonify(status="loading", loading=loading), 503
     return jsonify(status="ready", models=[m.name for m in registry.models])
+
+
+@bp.get("/api/copilot_internal/v2/token")
+@bp.get("/copilot_internal/v2/token")
+def copilot_token_endpoint():
+    """A Copilot token from this server (for clients whose GitHub API URL points here)."""
+    keys = current_app.config["FAUXPILOT"].api_keys
+    presented = _presented_key()
+    if keys and presented not in keys:  # a token cannot buy another token: a key must
+        raise AuthenticationError("Fetching a Copilot token needs an API key: set GH_COPILOT_TOKEN to one.")
+    token, expires_at = copilot_token.mint(presented if keys else None, request.host)
+    return jsonify(copilot_token.token_reply(token, expires_at, request.host_url))
+
+
+@bp.get("/api/copilot_internal/user")
+@bp.get("/copilot_internal/user")
+def copilot_user():
+    """The Copilot user record a client checks before completing."""
+    return jsonify(copilot_token.user_reply(request.host_url))
 
 
 @bp.get("/openapi.json")
@@ -190,6 +214,7 @@ def _json_body() -> object:
 
 
 @bp.post("/v1/completions")
+@bp.post("/v1/fim/completions")  # Continue's fill-in-the-middle route: prompt + suffix, same body
 @bp.post("/v1/engines/<path:engine>/completions")
 @bp.post("/v1/engines/<path:engine>/completion")
 def create_completion(engine: str | None = None):
