@@ -58,6 +58,15 @@ def _presented_key() -> str:
     return (request.headers.get("api-key") or request.headers.get("x-api-key") or "").strip()
 
 
+def _is_key(presented: str, keys: tuple[str, ...]) -> bool:
+    """Whether ``presented`` is one of ``keys``.
+
+    It is compared with every key, so the time taken says nothing about which one almost matched.
+    """
+    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
+    return bool(presented) and any(matches)
+
+
 @bp.before_request
 def _authenticate() -> None:
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -67,9 +76,7 @@ def _authenticate() -> None:
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
     presented = _presented_key()
-    # Compare with every key, so the time taken says nothing about which one almost matched.
-    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
-    if presented and (any(matches) or copilot_token.verify(presented, keys)):
+    if _is_key(presented, keys) or copilot_token.verify(presented, keys):
         return
     raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
 
@@ -132,7 +139,7 @@ def copilot_token_endpoint():
     """A Copilot token from this server (for clients whose GitHub API URL points here)."""
     keys = current_app.config["FAUXPILOT"].api_keys
     presented = _presented_key()
-    if keys and presented not in keys:  # a token cannot buy another token: a key must
+    if keys and not _is_key(presented, keys):  # a token cannot buy another token: a key must
         raise AuthenticationError("Fetching a Copilot token needs an API key: set GH_COPILOT_TOKEN to one.")
     token, expires_at = copilot_token.mint(presented if keys else None, request.host)
     return jsonify(copilot_token.token_reply(token, expires_at, request.host_url))
