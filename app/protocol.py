@@ -165,6 +165,8 @@ class CompletionRequestSchema(Schema):
     user = _Text(allow_none=True)
     # int64, as OpenAI documents it (torch's generator also refuses anything past 64 bits).
     seed = _StrictInteger(allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
+    # Copilot's hints; only {"trim_by_indentation": true} is used, anything else is ignored.
+    extra = fields.Raw(allow_none=True, metadata={"description": "Copilot's hints (trim_by_indentation)"})
 
     @validates_schema
     def _check_combinations(self, data, **kwargs):
@@ -190,6 +192,7 @@ class CompletionRequestSchema(Schema):
             stop=tuple(s for s in value("stop", ()) if s),
             seed=data.get("seed"),
             logprobs=data.get("logprobs"),
+            trim_by_indentation=isinstance(data.get("extra"), dict) and data["extra"].get("trim_by_indentation") is True,
         )
         return CompletionRequest(
             model=data.get("model"),

@@ -1016,7 +1016,7 @@ def test_metrics_count_requests_tokens_and_batch(client):
 
 OPENAI_FIELDS = {"model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
                  "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
-                 "seed"}
+                 "seed", "extra"}
 
 
 def test_openapi_document_is_public_and_generated_from_the_schemas(keyed_client):
@@ -1047,3 +1047,30 @@ def test_responses_match_their_schemas(client):
     error = post(client, {"prompt": PROMPT, "temperature": 9}).get_json()
     assert ErrorEnvelopeSchema().validate(error) == {}
     assert ModelListSchema().validate(client.get("/v1/models").get_json()) == {}
+
+
+@pytest.mark.parametrize("extra, wanted", [
+    ({"language": "python", "next_indent": 0, "trim_by_indentation": True}, True),
+    ({"trim_by_indentation": False}, False),
+    ({"trim_by_indentation": "yes"}, False),
+    ("not an object", False),
+    (None, False),
+])
+def test_copilot_extra_trim_by_indentation_is_read(extra, wanted):
+    """Copilot's extra.trim_by_indentation (only a real true) turns the dedent stop on; other extras are ignored."""
+    from app.protocol import parse_completion_request
+
+    request = parse_completion_request({"prompt": "def f(n):\n", "extra": extra})
+    assert request.params.trim_by_indentation is wanted
+
+
+@pytest.mark.parametrize("prompt, lead", [("def f(n):\n", ""), ("def f(n):\n    ", "    "), ("x = f(", None)])
+def test_trim_by_indentation_measures_the_cursor_line(engine, prompt, lead):
+    """The dedent stop starts from the cursor's line: whitespace before the cursor counts, code does not."""
+    from app.engine import Generation, SamplingParams
+
+    job = engine.prepare(prompt, SamplingParams(max_tokens=4, temperature=0.0, trim_by_indentation=True))
+    stop = Generation(engine, job)._sequence(0).stop
+    assert stop.dedent is not None and stop.dedent.lead == lead
+    plain = engine.prepare(prompt, SamplingParams(max_tokens=4, temperature=0.0))
+    assert Generation(engine, plain)._sequence(0).stop.dedent is None

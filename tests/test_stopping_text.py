@@ -1,6 +1,8 @@
 """Stop strings, incremental detokenization and per-sequence text state, with the tiny tokenizer."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from app.engine.params import Delta
@@ -255,3 +257,37 @@ def test_logprob_entries_after_stop_cut_are_dropped(engine):
     assert kept == before_cut  # the stop's " =" and " 2" tokens are dropped
     assert all(e.offset - 10 < len(state.text) for e in state.logprobs)
     assert [e for d in deltas for e in d.logprobs] == state.logprobs
+
+
+# -- trim_by_indentation -----------------------------------------------------------------
+
+FUNCTION_BODY = "    if n < 2:\n        return n\n\n    return f(n - 1)\n  \n\nprint(f(3))\n"
+
+
+@pytest.mark.parametrize("lead, text, expected", [
+    ("", FUNCTION_BODY, "    if n < 2:\n        return n\n\n    return f(n - 1)"),
+    ("    ", "if n < 2:\n        return n\nprint(1)", "if n < 2:\n        return n"),
+    ("", "\tx = 1\n\ty = 2\nz = 3", "\tx = 1\n\ty = 2"),
+    (None, "a, b)\nprint(x)\n    more()\n", None),  # mid-line: the next line sets the block
+    (None, "a, b)\n    x = 1\ny = 2", "a, b)\n    x = 1"),
+    ("", "    x = 1\n\n    \n", None),  # blank lines never stop
+    ("", "def g():\n    return 1\n", None),  # deeper lines never stop
+])
+def test_dedent_stop_finds_the_end_of_the_block(lead, text, expected):
+    """The cut falls before the first line indented less than the block, trailing blank lines dropped."""
+    from app.engine.stopping import DedentStop
+
+    cut = DedentStop(lead).find(text)
+    assert (None if cut is None else text[:cut]) == expected
+
+
+def test_dedent_stop_streams_what_it_returns(engine):
+    """Fed token by token, trimming by indentation sends exactly the text it ends with, never the dedented line."""
+    from app.engine.stopping import DedentStop
+
+    detok = IncrementalDetokenizer(engine.decode)
+    state = SequenceState(0, detok, StopCondition(engine.eos_ids, 200, (), DedentStop("")))
+    deltas = feed(state, ids_of(engine, *re.findall(r"\s|\S+", FUNCTION_BODY)))  # many small tokens
+    assert state.finish_reason == "stop"
+    assert state.text == "    if n < 2:\n        return n\n\n    return f(n - 1)"
+    assert "".join(d.text for d in deltas) == state.text

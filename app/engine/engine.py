@@ -21,7 +21,7 @@ from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, specia
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
 from .scheduler import DONE, Scheduler, Work
-from .stopping import StopCondition
+from .stopping import DedentStop, StopCondition
 from .text import IncrementalDetokenizer, SequenceState
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,11 @@ class Generation:
         # The decoder continues the prompt, except in seq2seq models where it starts afresh.
         context = job.prompt_ids if not engine.is_seq2seq or engine.config.decoder_prompt else ()
         detok = IncrementalDetokenizer(engine.decode, context)
-        stop = StopCondition(engine.eos_ids, job.params.max_tokens, engine.stop_strings + job.params.stop)
+        dedent = None
+        if job.params.trim_by_indentation:
+            last_line = job.prompt.rpartition("\n")[2]
+            dedent = DedentStop(last_line if not last_line.strip() else None)
+        stop = StopCondition(engine.eos_ids, job.params.max_tokens, engine.stop_strings + job.params.stop, dedent)
         token_text = engine.token_text if job.params.logprobs is not None else None
         # text_offset counts from the start of the prompt, as OpenAI's does.
         healed = job.healing.text if job.healing else ""

@@ -17,6 +17,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    trim_by_indentation: bool = False  # end before a line indented less than the completion's block
 
 
 @dataclass(frozen=True)

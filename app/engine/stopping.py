@@ -19,6 +19,56 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+def indentation(line: str) -> int:
+    """Columns of leading whitespace (a tab counts 4)."""
+    expanded = line.expandtabs(4)
+    return len(expanded) - len(expanded.lstrip())
+
+
+class DedentStop:
+    """Copilot's ``trim_by_indentation``: the completion ends before a line indented less than its block.
+
+    The block's indentation is that of the first non-blank line starting at or after the
+    cursor; the cursor's own line counts when the prompt's last line holds only whitespace
+    (``lead``), and is skipped when the cursor is in the middle of code (``lead`` None).
+    """
+
+    def __init__(self, lead: str | None):
+        self.lead = lead
+
+    def _lines(self, text: str):
+        """(index in text where the line starts, the line, whether it is complete) after the cursor."""
+        if self.lead is not None:
+            start, first = -len(self.lead), self.lead + text
+        else:
+            cut = text.find("\n")
+            if cut < 0:
+                return
+            start, first = cut + 1, text[cut + 1:]
+        for line in first.split("\n"):
+            complete = start + len(line) < len(text)
+            yield start, line, complete
+            start += len(line) + 1
+
+    def find(self, text: str) -> int | None:
+        """Where the completion ends (trailing blank lines dropped), or None while no line dedents."""
+        base = None
+        for start, line, complete in self._lines(text):
+            if not line.strip():
+                continue
+            if base is None:
+                base = indentation(line)
+            elif indentation(line) < base:
+                return len(text[:max(start, 0)].rstrip())
+        return None
+
+    def held_back(self, text: str) -> int:
+        """Text to hold: whitespace after the last code that spans a line end could still precede a dedent
+        (and would then be dropped with the trailing blank lines)."""
+        tail = len(text) - len(text.rstrip())
+        return tail if "\n" in text[len(text) - tail:] else 0
+
+
 class StopCondition:
     """Decides after each token whether a sequence is done: ``(done, reason)``.
 
@@ -26,17 +76,29 @@ class StopCondition:
     ``"length"`` when ``max_tokens`` tokens have been generated.
     """
 
-    def __init__(self, eos_ids: frozenset[int], max_tokens: int, stops: tuple[str, ...]):
+    def __init__(self, eos_ids: frozenset[int], max_tokens: int, stops: tuple[str, ...],
+                 dedent: DedentStop | None = None):
         self.eos_ids = eos_ids
         self.max_tokens = max_tokens
         self.stops = stops
+        self.dedent = dedent
 
     def __call__(self, token_id: int, generated: int, text: str, start: int = 0) -> tuple[bool, str | None]:
         """Check the newest token; ``text`` is all text so far, searched for stops from ``start``."""
         if token_id in self.eos_ids:
             return True, "stop"
-        if self.stops and find_stop(text, self.stops, start) is not None:
+        if self.cut(text, start) is not None:
             return True, "stop"
         if generated >= self.max_tokens:
             return True, "length"
         return False, None
+
+    def cut(self, text: str, start: int = 0) -> int | None:
+        """Where the text ends because of a stop string (searched from ``start``) or a dedent; None: nowhere."""
+        cuts = [find_stop(text, self.stops, start) if self.stops else None,
+                self.dedent.find(text) if self.dedent else None]
+        return min((c for c in cuts if c is not None), default=None)
+
+    def hold(self, unsent: str) -> int:
+        """How much of the unsent text's tail to hold back: it could still become a stop."""
+        return max(held_back(unsent, self.stops), self.dedent.held_back(unsent) if self.dedent else 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .params import Delta, SequenceResult, TokenLogprob
-from .stopping import StopCondition, find_stop, held_back
+from .stopping import StopCondition
 
 
 class IncrementalDetokenizer:
@@ -98,8 +98,8 @@ class SequenceState:
         if not done:
             if self.skip:
                 return None
-            return self._emit(len(self.text) - held_back(self.text[self.sent:], self.stop.stops), None)
-        cut = find_stop(self.text, self.stop.stops, self.sent)
+            return self._emit(len(self.text) - self.stop.hold(self.text[self.sent:]), None)
+        cut = self.stop.cut(self.text, self.sent)
         if cut is not None:
             self.text = self.text[:cut]
             self.pending = [e for e in self.pending if e.offset - self.offset_base < cut]
