@@ -54,3 +54,88 @@ def test_openai_node_sdk(node_clients, tiny_server):
     assert out["echo"].startswith("def add(a, b):\n")
     assert out["bad"] == {"bad_request": True, "status": 400, "param": "temperature"}
     assert out["missing"] == {"not_found": True, "status": 404}
+
+
+COPILOT_LS = CLIENTS / "node_modules" / "@github" / "copilot-language-server" / "dist" / "language-server.js"
+DOCUMENT = "def fibonacci(n):\n    \nprint(fibonacci(10))\n"
+
+
+def _stop(pid: int, grace: float = 40.0) -> None:
+    """Stop a gunicorn master this test started through a shell (SIGTERM, then SIGKILL)."""
+    import os
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def _isolated() -> bool:
+    """Whether this machine lets the test run in a network namespace of its own (unshare -n)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True, timeout=30).returncode == 0
+
+
+def test_copilot_language_server_completes_from_our_server(node_clients, tmp_path):
+    """The official Copilot language server, with no GitHub account, signs in and completes code from here.
+
+    The server and the language server share a private network namespace (where the machine
+    allows one), so the telemetry hosts the language server tries are unreachable; its GitHub
+    API is this server (GH_COPILOT_API_URL / GH_COPILOT_SERVER_URL), which mints its token.
+    """
+    import os
+    import sys
+
+    from tests.copilot_lsp import LspClient
+    from tests.gunicorn_server import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_log, pid_file = tmp_path / "gunicorn.log", tmp_path / "gunicorn.pid"
+    isolated = _isolated()
+    script = (
+        f"{'ip link set lo up; ' if isolated else ''}cd {ROOT} && "
+        f"FAUXPILOT_BIND=127.0.0.1:{port} {sys.executable} -m gunicorn -c gunicorn.conf.py wsgi:app "
+        f"> {server_log} 2>&1 & echo $! > {pid_file}; "
+        f"for i in $(seq 600); do grep -q 'worker slot 0 ready' {server_log} && break; sleep 0.5; done; "
+        f"exec node {COPILOT_LS} --stdio"
+    )
+    command = ["unshare", "-n", "sh", "-c", script] if isolated else ["sh", "-c", script]
+    settings = {"github": {"copilot": {"advanced": {"debug.overrideProxyUrl": url, "debug.overrideEngine": "codegen"}}}}
+    env = {**os.environ, "GH_COPILOT_API_URL": f"{url}/api", "GH_COPILOT_SERVER_URL": url,
+           "GH_COPILOT_TOKEN": "no-github-account"}
+    client = LspClient(command, env, tmp_path, settings, tmp_path / "language-server.log")
+    try:
+        client.request("initialize", {
+            "processId": os.getpid(), "rootUri": None, "capabilities": {"workspace": {"configuration": True}},
+            "initializationOptions": {"editorInfo": {"name": "fauxpilot-tests", "version": "1.0"},
+                                      "editorPluginInfo": {"name": "fauxpilot-lsp-driver", "version": "1.0"}},
+        }, timeout=360)
+        client.notify("initialized", {})
+        client.notify("workspace/didChangeConfiguration", {"settings": settings})
+        uri = (tmp_path / "fibonacci.py").as_uri()
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                "text": DOCUMENT}})
+        result = client.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri, "version": 1}, "position": {"line": 1, "character": 4},
+            "context": {"triggerKind": 2}, "formattingOptions": {"tabSize": 4, "insertSpaces": True},
+        }, timeout=120)
+    finally:
+        client.close()
+        if pid_file.exists():
+            _stop(int(pid_file.read_text()))
+    log = server_log.read_text()
+    items = result["items"] if isinstance(result, dict) else result
+    assert items, f"no completion; language server said: {client.messages[-5:]}"
+    assert items[0]["insertText"].startswith("    ") and items[0]["insertText"].strip()
+    assert "POST /v1/engines/codegen/completions status=200" in log
