@@ -1,0 +1,106 @@
+"""What the other clients send, replayed with their headers: VSCode FauxPilot, Continue, LangChain."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.engine.stopping import find_stop
+
+# VSCode FauxPilot plugin (Venthe.fauxpilot): POST {server}/{engine}/completions, no streaming, and in
+# one of its modes no Authorization header; it reads only choices[0].text.
+FAUXPILOT_PLUGIN = {
+    "path": "/v1/engines/codegen/completions",
+    "headers": {"Content-Type": "application/json", "User-Agent": "node-fetch"},
+    "body": {"model": "fastertransformer", "prompt": "def hello_world():\n    ", "max_tokens": 200,
+             "temperature": 0.1, "stop": ["\n"]},
+}
+# Continue's autocomplete with an OpenAI-compatible provider and no FIM support configured: the FIM
+# tokens are already in the prompt, no suffix, streamed.
+CONTINUE_PLAIN = {
+    "path": "/v1/completions",
+    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-continue",
+                "Accept": "text/event-stream"},
+    "body": {"model": "tiny-fim", "prompt": "<fim_prefix>def add(a, b):\n    <fim_suffix>\n<fim_middle>",
+             "max_tokens": 32, "temperature": 0.01, "stop": ["<fim_prefix>", "<fim_suffix>", "\n\n"],
+             "stream": True},
+}
+# Continue with FIM support: prompt and suffix to /v1/fim/completions, streamed.
+CONTINUE_FIM = {
+    "path": "/v1/fim/completions",
+    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-continue"},
+    "body": {"model": "tiny-fim", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n",
+             "max_tokens": 32, "temperature": 0.01, "stop": ["\n\n"], "stream": True},
+}
+# LangChain's OpenAI LLM: the prompt as a list, explicit nulls for what it leaves unset.
+LANGCHAIN = {
+    "path": "/v1/completions",
+    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-langchain",
+                "User-Agent": "OpenAI/Python 1.0"},
+    "body": {"model": "codegen", "prompt": ["def add(a, b):\n", "class Stack:\n"], "max_tokens": 16,
+             "temperature": 0.7, "top_p": 1, "n": 1, "frequency_penalty": 0, "presence_penalty": 0,
+             "logit_bias": {}, "logprobs": None, "seed": None, "stream": False, "best_of": 1, "stop": None,
+             "suffix": None, "echo": False, "user": None},
+}
+
+
+def replay(client, recorded: dict):
+    """Send a recorded request as the client does (exact headers, body bytes)."""
+    return client.post(recorded["path"], data=json.dumps(recorded["body"]), headers=recorded["headers"])
+
+
+def stream_text(response) -> tuple[str, list[dict]]:
+    """The concatenated text of an event stream and its chunks."""
+    raw = response.get_data(as_text=True)
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]", raw[-200:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["text"] for c in chunks), chunks
+
+
+def test_vscode_fauxpilot_plugin(client):
+    """No Authorization, engine in the path, `model: fastertransformer`: choices[0].text, one line."""
+    response = replay(client, FAUXPILOT_PLUGIN)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert isinstance(body["choices"][0]["text"], str) and "\n" not in body["choices"][0]["text"]
+    assert body["model"] == "tiny"  # the engine picked the model, not the body's "fastertransformer"
+
+
+@pytest.mark.parametrize("recorded", [CONTINUE_PLAIN, CONTINUE_FIM], ids=["fim-in-prompt", "fim-route"])
+def test_continue_autocomplete(client, recorded):
+    """Continue's two autocomplete requests stream text that honours its stops."""
+    response = replay(client, recorded)
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    text, chunks = stream_text(response)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert find_stop(text, tuple(recorded["body"]["stop"])) is None
+
+
+def test_continue_fim_route_fills_the_middle(client, engines, monkeypatch):
+    """Through /v1/fim/completions the suffix reaches the model's FIM template (it is not ignored)."""
+    engine = engines["tiny-fim"]
+    jobs = []
+    real_prepare = engine.prepare
+
+    def recording_prepare(*args, **kwargs):
+        jobs.append(real_prepare(*args, **kwargs))
+        return jobs[-1]
+
+    monkeypatch.setattr(engine, "prepare", recording_prepare)
+    response = replay(client, CONTINUE_FIM)
+    assert response.status_code == 200
+    (job,) = jobs
+    assert job.used_fim
+    prompt_text = engine.tokenizer.decode(job.prompt_ids)
+    assert CONTINUE_FIM["body"]["suffix"].strip() in prompt_text and "<fim_middle>" in prompt_text
+
+
+def test_langchain_prompt_list_with_nulls(client):
+    """A list of prompts with explicit nulls: one choice per prompt, in order."""
+    response = replay(client, LANGCHAIN)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in body["choices"])
+    assert body["usage"]["completion_tokens"] >= 2
