@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +70,17 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+@contextmanager
+def serving_tiny_model(model_dir: Path, tmp: Path) -> Iterator[Server]:
+    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex) from a config file of its own."""
+    config = tmp / "tiny.toml"
+    config.write_text(f'[[models]]\nname = "tiny"\naliases = ["codegen", "copilot-codex"]\n'
+                      f'source = "{model_dir}"\ndtype = "float32"\ncontext_length = 256\n')
+    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
+    try:
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()

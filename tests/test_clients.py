@@ -3,12 +3,17 @@ language server, both installed from the npm registry on first use (tests/client
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.gunicorn_server import ROOT, Server
+from tests.copilot_lsp import LspClient
+from tests.gunicorn_server import ROOT, free_port, serving_tiny_model
 
 pytestmark = pytest.mark.slow
 CLIENTS = ROOT / "tests" / "clients"
@@ -27,17 +32,9 @@ def node_clients():
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir, tmp_path_factory):
-    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex)."""
-    tmp = tmp_path_factory.mktemp("clients")
-    config = tmp / "tiny.toml"
-    config.write_text(f'[[models]]\nname = "tiny"\naliases = ["codegen", "copilot-codex"]\n'
-                      f'source = "{tiny_model_dir}"\ndtype = "float32"\ncontext_length = 256\n')
-    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
-    try:
-        server.wait_ready(120)
+    """gunicorn serving the tiny model (one worker)."""
+    with serving_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("clients")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_openai_node_sdk(node_clients, tiny_server):
@@ -62,10 +59,6 @@ DOCUMENT = "def fibonacci(n):\n    \nprint(fibonacci(10))\n"
 
 def _stop(pid: int, grace: float = 40.0) -> None:
     """Stop a gunicorn master this test started through a shell (SIGTERM, then SIGKILL)."""
-    import os
-    import signal
-    import time
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
@@ -93,12 +86,6 @@ def test_copilot_language_server_completes_from_our_server(node_clients, tmp_pat
     allows one), so the telemetry hosts the language server tries are unreachable; its GitHub
     API is this server (GH_COPILOT_API_URL / GH_COPILOT_SERVER_URL), which mints its token.
     """
-    import os
-    import sys
-
-    from tests.copilot_lsp import LspClient
-    from tests.gunicorn_server import free_port
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log, pid_file = tmp_path / "gunicorn.log", tmp_path / "gunicorn.pid"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import counted_requests, run_soak, summary
-from tests.gunicorn_server import Server
+from tests.gunicorn_server import serving_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,9 @@ def rss_kb(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir, tmp_path_factory):
-    """gunicorn serving the tiny model (one worker) from a config file of its own."""
-    tmp = tmp_path_factory.mktemp("service")
-    config = tmp / "tiny.toml"
-    config.write_text(f'[[models]]\nname = "tiny"\naliases = ["codegen"]\nsource = "{tiny_model_dir}"\n'
-                      'dtype = "float32"\ncontext_length = 256\n')
-    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
-    try:
-        server.wait_ready(120)
+    """gunicorn serving the tiny model (one worker)."""
+    with serving_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("service")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_soak_with_hang_ups(tiny_server):
