@@ -343,3 +343,21 @@ def test_prefix_cache_drops_entries_a_new_one_covers():
     cache.store(ids, block_bounds(150, 64, 16), fake_cache(150))
     assert sorted(len(k) for k in cache.entries) == [100, 150]
     assert cache.nbytes == cache_bytes(fake_cache(100)) + cache_bytes(fake_cache(150))
+
+
+def test_scheduler_fault_fails_the_work_and_keeps_serving(engine, monkeypatch):
+    """An unexpected error in the scheduler's own bookkeeping reaches the request; the thread survives."""
+    real_admit = engine.scheduler._admit
+    calls = []
+
+    def broken_admit():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping bug")
+        return real_admit()
+
+    monkeypatch.setattr(engine.scheduler, "_admit", broken_admit)
+    with pytest.raises(RuntimeError, match="bookkeeping bug"):
+        list(Generation(engine, engine.prepare(PROMPTS[0], greedy(4))))
+    assert alone(engine, engine.prepare(PROMPTS[0], greedy(4)))[0].completion_tokens >= 1
+    assert engine.scheduler.load == (0, 0)

@@ -119,13 +119,29 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                self._collect()
-                self._drop_cancelled()
-                self._admit()
-                if self._prefilling is not None:
-                    self._prefill_step()
-                if self._running:
-                    self._decode_step()
+                try:
+                    self._iterate()
+                except Exception as exc:  # a fault here must not leave requests waiting forever
+                    log.exception("%s: scheduler fault; failing the work in hand", self.name)
+                    self._fail_all(exc)
+
+    def _iterate(self) -> None:
+        self._collect()
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling is not None:
+            self._prefill_step()
+        if self._running:
+            self._decode_step()
+
+    def _fail_all(self, exc: Exception) -> None:
+        works = [*self._running, *self._waiting, *([self._prefilling[0]] if self._prefilling else [])]
+        self._running, self._tokens, self._waiting, self._prefilling = [], [], collections.deque(), None
+        if self._block is not None:
+            self._block.cancel()
+            self._block = None
+        self.runner.batch.reset()
+        self._fail(works, exc)
 
     def _busy(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
