@@ -318,7 +318,7 @@ def test_int8_cached_requests_match_cold_and_stream(int8_engine):
 
 def test_block_bounds_layout():
     """Big blocks cover whole multiples of the big size; the tail goes in small blocks."""
-    from app.engine.generate import block_bounds
+    from app.engine.kvcache import block_bounds
 
     assert block_bounds(1) == [0, 1]
     assert block_bounds(10) == [0, 10]
