@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
 
@@ -38,6 +39,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     app.extensions["metrics"] = Metrics(settings.metrics_dir)
     app.register_blueprint(bp)
     app.register_error_handler(Exception, handle_error)
+    if settings.trusted_proxies:
+        # Behind a reverse proxy the links this server hands out (Copilot's token endpoints) must
+        # name the proxy's scheme, host and path prefix, not the loopback address it forwards to.
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_prefix=hops)
     return app
 
 

@@ -70,8 +70,8 @@ def _is_key(presented: str, keys: tuple[str, ...]) -> bool:
 @bp.before_request
 def _authenticate() -> None:
     g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    g.record = RequestRecord(g.request_id, f"{request.method} {request.path}", time.perf_counter(),
-                             current_app.extensions["metrics"])
+    route = f"{request.method} {request.script_root}{request.path}"  # as the client sent it, prefix included
+    g.record = RequestRecord(g.request_id, route, time.perf_counter(), current_app.extensions["metrics"])
     keys = current_app.config["FAUXPILOT"].api_keys
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
@@ -142,14 +142,14 @@ def copilot_token_endpoint():
     if keys and not _is_key(presented, keys):  # a token cannot buy another token: a key must
         raise AuthenticationError("Fetching a Copilot token needs an API key: set GH_COPILOT_TOKEN to one.")
     token, expires_at = copilot_token.mint(presented if keys else None, request.host)
-    return jsonify(copilot_token.token_reply(token, expires_at, request.host_url))
+    return jsonify(copilot_token.token_reply(token, expires_at, request.url_root))
 
 
 @bp.get("/api/copilot_internal/user")
 @bp.get("/copilot_internal/user")
 def copilot_user():
     """The Copilot user record a client checks before completing."""
-    return jsonify(copilot_token.user_reply(request.host_url))
+    return jsonify(copilot_token.user_reply(request.url_root))
 
 
 @bp.get("/openapi.json")

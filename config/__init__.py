@@ -89,6 +89,7 @@ class Settings:
     max_tokens_limit: int = 4096  # a request's max_tokens above this is a 400
     max_sequences: int = 16  # prompts × max(n, best_of) above this is a 400
     request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
+    trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For/Proto/Host/Prefix are believed
     metrics_dir: str | None = None  # prometheus-client's multiprocess folder (gunicorn.conf.py sets one)
     max_batch: int = 8
     max_waiting: int = 8
@@ -165,7 +166,7 @@ def _validated(settings: Settings) -> Settings:
     for key in ("workers", "threads", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("max_waiting", "prefix_cache_mb", "request_timeout"):
+    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings
@@ -215,6 +216,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_MAX_TOKENS_LIMIT": ("max_tokens_limit", _env_int),
     "FAUXPILOT_MAX_SEQUENCES": ("max_sequences", _env_int),
     "FAUXPILOT_REQUEST_TIMEOUT": ("request_timeout", _env_float),
+    "FAUXPILOT_TRUSTED_PROXIES": ("trusted_proxies", _env_int),
     "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", lambda v: v or None),
     "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
 }

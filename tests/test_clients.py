@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 
@@ -79,26 +81,83 @@ def _isolated() -> bool:
         ["unshare", "-n", "true"], capture_output=True, timeout=30).returncode == 0
 
 
-def test_copilot_language_server_completes_from_our_server(node_clients, tmp_path):
+@dataclass(frozen=True)
+class Editor:
+    """How one editor plugin configures and queries the language server, given the README's settings."""
+
+    name: str
+    plugin: str  # initializationOptions.editorPluginInfo.name
+    settings: Callable[[str], dict]  # answered to workspace/configuration and pushed at start
+    pushes: tuple[dict, ...] = ()  # further workspace/didChangeConfiguration the plugin sends itself
+    method: str = "textDocument/inlineCompletion"
+    engine: str = "codegen"  # the engine the completions arrive for
+    prefix: str = ""  # the path the server is served under (gunicorn's SCRIPT_NAME)
+
+
+def _advanced(url: str) -> dict:
+    return {"debug.overrideProxyUrl": url, "debug.overrideEngine": "codegen"}
+
+
+EDITORS = [
+    # VS Code: the README's "github.copilot.advanced" block in settings.json.
+    Editor("vscode", "copilot", lambda url: {"github": {"copilot": {"advanced": _advanced(url)}}}),
+    # copilot.vim: copilot#client#Settings() with the README's g:copilot_settings (the other keys are
+    # what it always sends: no proxy, no enterprise URI).
+    Editor("copilot.vim", "copilot.vim", lambda url: {
+        "http": {"proxy": None, "proxyStrictSSL": None}, "github-enterprise": {"uri": None},
+        "github": {"copilot": {"advanced": _advanced(url)}}}),
+    # copilot.lua: its own defaults deep-merged with the README's server_opts_overrides.settings;
+    # after start it pushes its workspace configuration too, and asks through getCompletions.
+    Editor("copilot.lua", "copilot.lua", lambda url: {
+        "telemetry": {"telemetryLevel": "all"}, "advanced": {"timeout": 30000},
+        "github": {"copilot": {"advanced": _advanced(url)}}},
+        pushes=({"github": {"copilot": {"selectedCompletionModel": ""}}, "enableAutoCompletions": True,
+                 "disabledLanguages": [{"languageId": "markdown"}, {"languageId": "yaml"}]},),
+        method="getCompletions"),
+    # No settings at all: the token minted here points completions back at this server, and
+    # Copilot's own engine name is an alias of the default model.
+    Editor("environment-only", "copilot", lambda url: {}, engine="gpt-41-copilot"),
+    # The same, with the server under a path prefix: the token's endpoints keep it.
+    Editor("environment-only-under-a-prefix", "copilot", lambda url: {}, engine="gpt-41-copilot",
+           prefix="/fauxpilot"),
+]
+
+
+def _completion_request(editor: Editor, uri: str) -> tuple[dict, Callable[[Any], list[str]]]:
+    """The plugin's completion request for the cursor on line 1, column 4, and how to read its texts."""
+    position = {"line": 1, "character": 4}
+    if editor.method == "getCompletions":
+        params = {"doc": {"uri": uri, "version": 1, "position": position, "insertSpaces": True, "tabSize": 4,
+                          "indentSize": 4}}
+        return params, lambda result: [c["text"] for c in (result or {}).get("completions", [])]
+    params = {"textDocument": {"uri": uri, "version": 1}, "position": position, "context": {"triggerKind": 2},
+              "formattingOptions": {"tabSize": 4, "insertSpaces": True}}
+    return params, lambda result: [i["insertText"] for i in
+                                   ((result or {}).get("items", []) if isinstance(result, dict) else result or [])]
+
+
+@pytest.mark.parametrize("editor", EDITORS, ids=[e.name for e in EDITORS])
+def test_copilot_language_server_completes_from_our_server(node_clients, tmp_path, editor):
     """The official Copilot language server, with no GitHub account, signs in and completes code from here.
 
-    The server and the language server share a private network namespace (where the machine
-    allows one), so the telemetry hosts the language server tries are unreachable; its GitHub
-    API is this server (GH_COPILOT_API_URL / GH_COPILOT_SERVER_URL), which mints its token.
+    Each editor plugin hands the README's settings to the language server in its own shape. The
+    server and the language server share a private network namespace (where the machine allows
+    one), so the telemetry hosts the language server tries are unreachable; its GitHub API is
+    this server (GH_COPILOT_API_URL / GH_COPILOT_SERVER_URL), which mints its token.
     """
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}{editor.prefix}"
     server_log, pid_file = tmp_path / "gunicorn.log", tmp_path / "gunicorn.pid"
     isolated = _isolated()
     script = (
         f"{'ip link set lo up; ' if isolated else ''}cd {ROOT} && "
-        f"FAUXPILOT_BIND=127.0.0.1:{port} {sys.executable} -m gunicorn -c gunicorn.conf.py wsgi:app "
+        f"SCRIPT_NAME={editor.prefix} FAUXPILOT_BIND=127.0.0.1:{port} {sys.executable} -m gunicorn -c gunicorn.conf.py wsgi:app "
         f"> {server_log} 2>&1 & echo $! > {pid_file}; "
         f"for i in $(seq 600); do grep -q 'worker slot 0 ready' {server_log} && break; sleep 0.5; done; "
         f"exec node {COPILOT_LS} --stdio"
     )
     command = ["unshare", "-n", "sh", "-c", script] if isolated else ["sh", "-c", script]
-    settings = {"github": {"copilot": {"advanced": {"debug.overrideProxyUrl": url, "debug.overrideEngine": "codegen"}}}}
+    settings = editor.settings(url)
     env = {**os.environ, "GH_COPILOT_API_URL": f"{url}/api", "GH_COPILOT_SERVER_URL": url,
            "GH_COPILOT_TOKEN": "no-github-account"}
     client = LspClient(command, env, tmp_path, settings, tmp_path / "language-server.log")
@@ -106,23 +165,24 @@ def test_copilot_language_server_completes_from_our_server(node_clients, tmp_pat
         client.request("initialize", {
             "processId": os.getpid(), "rootUri": None, "capabilities": {"workspace": {"configuration": True}},
             "initializationOptions": {"editorInfo": {"name": "fauxpilot-tests", "version": "1.0"},
-                                      "editorPluginInfo": {"name": "fauxpilot-lsp-driver", "version": "1.0"}},
+                                      "editorPluginInfo": {"name": editor.plugin, "version": "1.0"}},
         }, timeout=360)
         client.notify("initialized", {})
         client.notify("workspace/didChangeConfiguration", {"settings": settings})
+        for push in editor.pushes:
+            client.notify("workspace/didChangeConfiguration", {"settings": push})
+        status = client.request("checkStatus", {}, timeout=60)
         uri = (tmp_path / "fibonacci.py").as_uri()
         client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
                                                                 "text": DOCUMENT}})
-        result = client.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri, "version": 1}, "position": {"line": 1, "character": 4},
-            "context": {"triggerKind": 2}, "formattingOptions": {"tabSize": 4, "insertSpaces": True},
-        }, timeout=120)
+        params, texts_of = _completion_request(editor, uri)
+        texts = texts_of(client.request(editor.method, params, timeout=120))
     finally:
         client.close()
         if pid_file.exists():
             _stop(int(pid_file.read_text()))
     log = server_log.read_text()
-    items = result["items"] if isinstance(result, dict) else result
-    assert items, f"no completion; language server said: {client.messages[-5:]}"
-    assert items[0]["insertText"].startswith("    ") and items[0]["insertText"].strip()
-    assert "POST /v1/engines/codegen/completions status=200" in log
+    assert status.get("status") == "OK" and status.get("user"), status  # plugins show suggestions only then
+    assert texts, f"no completion; language server said: {client.messages[-5:]}"
+    assert texts[0].startswith("    ") and texts[0].strip()
+    assert f"POST {editor.prefix}/v1/engines/{editor.engine}/completions status=200" in log

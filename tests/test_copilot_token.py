@@ -36,6 +36,34 @@ def test_token_endpoint_points_the_client_back_here(client, path):
     assert complete(client, f"Bearer {body['token']}") == 200
 
 
+def test_token_endpoints_keep_the_path_prefix(client):
+    """Served under a path prefix (gunicorn's SCRIPT_NAME), the token points completions under it too."""
+    response = client.get("/api/copilot_internal/v2/token", base_url="http://localhost/fauxpilot")
+    assert response.get_json()["endpoints"]["proxy"] == "http://localhost/fauxpilot"
+    assert client.get("/api/copilot_internal/user", base_url="http://localhost/fauxpilot").get_json()[
+        "endpoints"]["proxy"] == "http://localhost/fauxpilot"
+
+
+FORWARDED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "copilot.example.com",
+             "X-Forwarded-Prefix": "/fauxpilot", "X-Forwarded-For": "10.1.2.3"}
+
+
+def test_trusted_proxy_headers_name_the_public_address(tiny_settings, engines):
+    """Behind a trusted reverse proxy the token names the proxy's scheme, host and prefix."""
+    from app import create_app
+
+    proxied = create_app(tiny_settings.replace(trusted_proxies=1), engines=engines.values()).test_client()
+    body = proxied.get("/api/copilot_internal/v2/token", headers=FORWARDED).get_json()
+    assert body["endpoints"]["proxy"] == "https://copilot.example.com/fauxpilot"
+    assert "proxy-ep=copilot.example.com;" in body["token"] + ";"
+
+
+def test_forwarded_headers_are_ignored_unless_proxies_are_trusted(client):
+    """Without trusted_proxies a client cannot make the server hand out another address."""
+    body = client.get("/api/copilot_internal/v2/token", headers=FORWARDED).get_json()
+    assert body["endpoints"]["proxy"] == "http://localhost"
+
+
 def test_user_endpoint(client):
     """The user record allows completions."""
     response = client.get("/api/copilot_internal/user")
