@@ -96,6 +96,7 @@ class Settings:
     prefix_cache: bool = True
     prefix_cache_mb: int = 512
     token_healing: bool = True
+    truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
 
     def replace(self, **changes: Any) -> "Settings":
         """Return a copy with some settings changed (validated like the file)."""
@@ -219,6 +220,7 @@ ENV_OVERRIDES = {
     "FAUXPILOT_TRUSTED_PROXIES": ("trusted_proxies", _env_int),
     "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", lambda v: v or None),
     "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
+    "FAUXPILOT_TRUNCATE_PROMPTS": ("truncate_prompts", _env_bool),
 }
 
 

@@ -627,10 +627,12 @@ def test_copilot_request(copilot_client):
     assert not any(stop in text for stop in COPILOT_BODY["stop"])
 
 
-def test_copilot_request_too_long_for_small_context(client):
-    """Copilot's max_tokens 500 does not fit a 256-token model: a clean 400, not a stream."""
-    response = client.post("/v1/engines/codegen/completions", json=COPILOT_BODY, headers=COPILOT_HEADERS)
-    assert_envelope(response, 400, param="max_tokens", code="context_length_exceeded")
+def test_copilot_request_on_a_small_context_model(client, engines):
+    """Copilot's max_tokens 500 exceeds the 256-token window: the answer is shorter, not an error."""
+    body = {**COPILOT_BODY, "prompt": "# Path: long.py\n" + "x = 1\n" * 200}
+    chunks = sse_chunks(client.post("/v1/engines/codegen/completions", json=body, headers=COPILOT_HEADERS))
+    assert chunks and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "error" not in chunks[-1]
 
 
 # -- bad input -----------------------------------------------------------------
@@ -703,31 +705,69 @@ def test_huge_seed_is_400_not_500(client, stream):
     assert_envelope(response, 400, param="seed")
 
 
-@pytest.mark.parametrize("body", [
+@pytest.fixture()
+def strict(tiny_settings, engines, monkeypatch):
+    """A client of an app whose engines refuse prompts too long for the window (truncate_prompts off)."""
+    from app import create_app
+
+    for engine in engines.values():
+        monkeypatch.setattr(engine, "truncate_prompts", False)
+    return create_app(tiny_settings.replace(truncate_prompts=False), engines=engines.values()).test_client()
+
+
+OVERSIZED = [
     {"prompt": PROMPT, "max_tokens": 257},
     {"prompt": PROMPT, "max_tokens": 255},
     {"prompt": "x " * 300, "max_tokens": 1},
-])
-def test_context_length_exceeded(client, body):
-    """Prompt plus max_tokens beyond the 256-token context is a 400 context_length_exceeded."""
-    error = assert_envelope(post(client, body), 400, param="max_tokens", code="context_length_exceeded")
+]
+
+
+@pytest.mark.parametrize("body", OVERSIZED)
+def test_context_length_exceeded_when_not_truncating(strict, body):
+    """With truncate_prompts off, prompt plus max_tokens beyond the 256-token context is a 400."""
+    error = assert_envelope(post(strict, body), 400, param="max_tokens", code="context_length_exceeded")
     assert "256" in error["message"]
 
 
-def test_context_length_exactly_fits(client, engines):
+@pytest.mark.parametrize("body", OVERSIZED)
+def test_oversized_requests_fit_the_window(client, body):
+    """By default the prompt loses its start and max_tokens shrinks to the room left: a 200 within 256 tokens."""
+    usage = ok(client, {**body, "temperature": 0})["usage"]
+    assert usage["total_tokens"] <= 256 and usage["completion_tokens"] <= body["max_tokens"]
+
+
+def test_truncated_prompt_keeps_its_end(client, engines):
+    """A prompt cut to fit completes exactly as its kept end does (the text nearest the cursor)."""
+    tokenizer = engines["tiny"].tokenizer
+    ids = tokenizer("".join(f"v{i} = {i}\n" for i in range(200)))["input_ids"]
+    assert len(ids) > 256
+    body = {"max_tokens": 8, "temperature": 0}
+    whole = ok(client, {**body, "prompt": tokenizer.decode(ids)})
+    kept = ok(client, {**body, "prompt": tokenizer.decode(ids[len(ids) - 248:])})
+    assert whole["usage"]["prompt_tokens"] == kept["usage"]["prompt_tokens"] == 248
+    assert whole["choices"][0]["text"] == kept["choices"][0]["text"]
+
+
+def test_echo_is_never_truncated(client):
+    """An echoed prompt comes back whole or not at all: too long is a 400."""
+    response = post(client, {"prompt": "x " * 300, "max_tokens": 1, "echo": True})
+    assert_envelope(response, 400, param="max_tokens", code="context_length_exceeded")
+
+
+def test_context_length_exactly_fits(strict, engines):
     """Prompt plus max_tokens equal to the context is allowed; one more token is not."""
     prompt = "x " * 250
     room = 256 - len(engines["tiny"].tokenizer(prompt)["input_ids"])
     assert 0 < room < 10
-    body = ok(client, {"prompt": prompt, "max_tokens": room, "temperature": 0})
+    body = ok(strict, {"prompt": prompt, "max_tokens": room, "temperature": 0})
     assert body["usage"]["total_tokens"] <= 256
-    assert_envelope(post(client, {"prompt": prompt, "max_tokens": room + 1}), 400, param="max_tokens",
+    assert_envelope(post(strict, {"prompt": prompt, "max_tokens": room + 1}), 400, param="max_tokens",
                     code="context_length_exceeded")
 
 
-def test_context_length_in_prompt_list(client):
+def test_context_length_in_prompt_list(strict):
     """One prompt of a list that does not fit makes the whole request a 400."""
-    response = post(client, {"prompt": [PROMPT, "x " * 300], "max_tokens": 1})
+    response = post(strict, {"prompt": [PROMPT, "x " * 300], "max_tokens": 1})
     assert_envelope(response, 400, param="max_tokens", code="context_length_exceeded")
 
 
@@ -782,7 +822,7 @@ def test_worker_keeps_serving_after_errors(client, engines):
         assert post(client, body).status_code == 400
     for data, content_type, _ in BAD_BODIES:
         assert client.post("/v1/completions", data=data, content_type=content_type).status_code == 400
-    assert post(client, {"prompt": PROMPT, "max_tokens": 300}).status_code == 400
+    assert post(client, {"prompt": "x " * 300, "max_tokens": 1, "echo": True}).status_code == 400
     assert post(client, {"prompt": PROMPT, "model": "nope"}).status_code == 404
     assert engines["tiny"].gate.count == 0
     body = greedy(client, max_tokens=3)

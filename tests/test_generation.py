@@ -239,8 +239,9 @@ def test_logit_bias_forces_a_token(engine):
     assert result.text == "x" * 5
 
 
-def test_prepare_rejects_context_overflow(engine):
-    """prompt + max_tokens past the 256-token context is a context_length_exceeded error."""
+def test_prepare_rejects_context_overflow(engine, monkeypatch):
+    """Without truncation, prompt + max_tokens past the 256-token context is a context_length_exceeded error."""
+    monkeypatch.setattr(engine, "truncate_prompts", False)
     ids = engine.tokenizer(PROMPT)["input_ids"]
     engine.prepare(PROMPT, greedy(256 - len(ids)))  # exactly fits
     with pytest.raises(InvalidRequestError) as info:
@@ -248,6 +249,16 @@ def test_prepare_rejects_context_overflow(engine):
     assert info.value.param == "max_tokens"
     assert info.value.code == "context_length_exceeded"
     assert info.value.status == 400
+
+
+def test_prepare_fits_a_long_prompt_to_the_window(engine, monkeypatch):
+    """With truncation, a long prompt keeps its last tokens and max_tokens shrinks to the room left."""
+    monkeypatch.setattr(engine, "healer", None)  # healing would hold back the last prompt token
+    ids = engine.tokenizer("x " * 300)["input_ids"]
+    job = engine.prepare("x " * 300, greedy(100))
+    assert list(job.prompt_ids) == ids[len(ids) - 156:] and job.params.max_tokens == 100
+    job = engine.prepare(PROMPT, greedy(300))  # more than the window: the prompt fits, max_tokens shrinks
+    assert len(job.prompt_ids) + job.params.max_tokens == 256
 
 
 @pytest.mark.parametrize("beyond", [0, 10_000, "negative"])

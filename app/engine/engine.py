@@ -17,7 +17,7 @@ from ..errors import InvalidRequestError, RequestTimeoutError, ServerBusyError
 from .generate import CausalRunner, Seq2SeqRunner
 from .healing import Healing, TokenHealer
 from .kvcache import PrefixCache
-from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, special_token_id
+from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_last, leading_bos, special_token_id
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import TokenChooser
 from .scheduler import DONE, Scheduler, Work
@@ -85,6 +85,7 @@ class Engine:
         reuse_prefix: bool = True,
         threads: tuple[int, int] | None = None,
         token_healing: bool = True,
+        truncate_prompts: bool = True,
         debug: bool = False,
         max_batch: int = 8,
         max_waiting: int = 8,
@@ -105,6 +106,8 @@ class Engine:
         self.scheduler = Scheduler(self.runner, max_batch, threads, config.name)
         self.last_reused = 0  # prompt tokens the last finished request took from the prefix cache
         self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
+        self.truncate_prompts = truncate_prompts
+        self.bos = leading_bos(tokenizer)
         head = self.model.get_output_embeddings()
         self.vocab_size = getattr(head, "out_features", None) or self.model.config.vocab_size
         self.context_length = self._context_length()
@@ -156,20 +159,33 @@ class Engine:
 
     # -- prompts -------------------------------------------------------------
 
-    def prompt_budget(self, max_tokens: int) -> int:
-        """Prompt tokens that fit beside ``max_tokens`` (a seq2seq encoder has the window to itself)."""
-        return self.context_length if self.is_seq2seq else self.context_length - max_tokens
+    def prompt_budget(self, max_tokens: int, truncate: bool = False) -> int:
+        """Prompt tokens allowed beside ``max_tokens`` (a seq2seq encoder has the window to itself).
 
-    def encode(self, prompt: str, suffix: str | None = None, budget: int | None = None) -> tuple[list[int], bool, Truncation]:
+        When prompts are truncated, a prompt keeps at least half the window: an editor's
+        long file with a large max_tokens (Copilot asks for 500) then gets a shorter
+        completion instead of an error.
+        """
+        if self.is_seq2seq:
+            return self.context_length
+        budget = self.context_length - max_tokens
+        return max(budget, self.context_length // 2) if truncate else budget
+
+    def encode(self, prompt: str, suffix: str | None = None, budget: int | None = None,
+               truncate: bool = False) -> tuple[list[int], bool, Truncation]:
         """Token ids of the model prompt, whether the FIM template was used, and what was truncated.
 
         Models without FIM tokens complete from the prefix alone: Copilot sends a
         suffix with every request, and a plain continuation beats an error. Seq2seq
         models always use their template (its sentinel marks the span to generate).
+        A FIM prompt always fits ``budget``; a plain one only with ``truncate``.
         """
+        budget = self.context_length if budget is None else budget
         if self.fim is None or not (suffix or self.is_seq2seq):
-            return self.tokenizer(prompt)["input_ids"], False, Truncation()
-        ids, cut = self.fim.build(prompt, suffix or "", self.context_length if budget is None else budget)
+            ids = self.tokenizer(prompt)["input_ids"]
+            ids, cut = keep_last(ids, budget, self.bos) if truncate else (ids, Truncation())
+            return ids, False, cut
+        ids, cut = self.fim.build(prompt, suffix or "", budget)
         return ids, True, cut
 
     def _too_long(self, prompt_tokens: int, max_tokens: int) -> InvalidRequestError:
@@ -192,16 +208,23 @@ class Engine:
         request_id: str = "local",
     ) -> Job:
         """Tokenize and check a request against this model; raise InvalidRequestError if it cannot run."""
-        budget = self.prompt_budget(params.max_tokens)
-        if budget < 1 or params.max_tokens > self.context_length:
+        # An echoed prompt is the client's text back, so it is never cut.
+        truncate = self.truncate_prompts and not echo
+        budget = self.prompt_budget(params.max_tokens, truncate)
+        if budget < 1 or (params.max_tokens > self.context_length and not truncate):
             raise self._too_long(len(self.tokenizer(prompt)["input_ids"]), params.max_tokens)
         try:
-            ids, used_fim, cut = self.encode(prompt, suffix, budget)
+            ids, used_fim, cut = self.encode(prompt, suffix, budget, truncate)
         except TemplateError:
             raise self._too_long(self.fim.fixed_tokens, params.max_tokens) from None
         if cut:
             log.info("[%s] prompt truncated to fit %d tokens: %d prefix tokens cut at the start, %d suffix tokens "
                      "at the end", request_id, budget, cut.prefix_tokens, cut.suffix_tokens)
+        room = self.context_length - (0 if self.is_seq2seq else len(ids))
+        if params.max_tokens > room and truncate:
+            log.info("[%s] max_tokens %d lowered to %d, the room left in the %d-token window", request_id,
+                     params.max_tokens, room, self.context_length)
+            params = dataclasses.replace(params, max_tokens=room)
         if not ids:
             # Nothing to condition on: start from the beginning-of-sequence token.
             bos = self.tokenizer.bos_token_id

@@ -212,7 +212,8 @@ def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     try:
         threads = cpu_threads(settings) if device.type == "cpu" else None
         return Engine(config, model, tokenizer, device, reuse_prefix=settings.prefix_cache, threads=threads,
-                      token_healing=settings.token_healing, debug=settings.debug, max_batch=settings.max_batch,
-                      max_waiting=settings.max_waiting, prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+                      token_healing=settings.token_healing, truncate_prompts=settings.truncate_prompts,
+                      debug=settings.debug, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                      prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
     except TemplateError as exc:
         raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None

@@ -85,6 +85,15 @@ class FimPrompt:
         return ids + self.eos, cut
 
 
+def keep_last(ids: list[int], budget: int, bos: list[int]) -> tuple[list[int], Truncation]:
+    """At most ``budget`` ids of a plain prompt: its start goes first (a leading BOS stays)."""
+    if len(ids) <= budget:
+        return ids, Truncation()
+    head = bos if bos and ids[:len(bos)] == bos else []
+    kept = ids[len(ids) - (budget - len(head)):]
+    return head + kept, Truncation(prefix_tokens=len(ids) - len(head) - len(kept))
+
+
 def leading_bos(tokenizer) -> list[int]:
     """``[bos]`` when the tokenizer starts ordinary encodings with it (Llama-style), else ``[]``."""
     bos = tokenizer.bos_token_id
