@@ -221,11 +221,23 @@ def _json_body() -> object:
 
 
 @bp.post("/v1/completions")
-@bp.post("/v1/fim/completions")  # Continue's fill-in-the-middle route: prompt + suffix, same body
 @bp.post("/v1/engines/<path:engine>/completions")
 @bp.post("/v1/engines/<path:engine>/completion")
 def create_completion(engine: str | None = None):
     """Complete one or more prompts, whole or as a server-sent event stream."""
+    return _complete(engine)
+
+
+@bp.post("/v1/fim/completions")
+def create_fim_completion():
+    """The fill-in-the-middle route of Mistral's API (Continue's FIM providers): the same body, prompt + suffix.
+
+    Its stream chunks also carry each text as ``delta.content``, the only field those clients read.
+    """
+    return _complete(None, chat_deltas=True)
+
+
+def _complete(engine: str | None, chat_deltas: bool = False):
     settings = current_app.config["FAUXPILOT"]
     req = parse_completion_request(_json_body())
     _check_limits(req, settings)
@@ -239,8 +251,8 @@ def create_completion(engine: str | None = None):
     client_gone = _client_gone_probe()
     deadline = time.monotonic() + settings.request_timeout if settings.request_timeout else None
     if req.stream:
-        response = Response(_event_stream(model, jobs, req, completion_id, (client_gone, deadline), g.record),
-                            mimetype="text/event-stream")
+        response = Response(_event_stream(model, jobs, req, completion_id, (client_gone, deadline), g.record,
+                                          chat_deltas), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
         response.call_on_close(release)
@@ -267,12 +279,12 @@ def _whole_completion(model: Engine, jobs: list[Job], req: CompletionRequest, co
 
 
 def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                  watch: Watch, record: RequestRecord) -> Iterator[str]:
+                  watch: Watch, record: RequestRecord, chat_deltas: bool = False) -> Iterator[str]:
     """The server-sent events of a streamed completion, then its request log line however it ended."""
     usage = [0, 0]
     finished = False
     try:
-        yield from _stream_events(model, jobs, req, completion_id, watch, usage)
+        yield from _stream_events(model, jobs, req, completion_id, watch, usage, chat_deltas)
         finished = True
     finally:
         record.usage = (usage[0], usage[1])
@@ -280,7 +292,7 @@ def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, comple
 
 
 def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
-                   watch: Watch, usage: list[int]) -> Iterator[str]:
+                   watch: Watch, usage: list[int], chat_deltas: bool = False) -> Iterator[str]:
     created = int(time.time())
     with_logprobs = req.params.logprobs is not None
     prompt_tokens = completion_tokens = 0
@@ -291,7 +303,7 @@ def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, compl
                 for delta in deltas:
                     yield sse_event(stream_chunk(completion_id, created, model.name, number * req.n + delta.index,
                                                  delta.text, delta.logprobs if with_logprobs else None,
-                                                 delta.finish_reason))
+                                                 delta.finish_reason, chat_delta=chat_deltas))
             prompt_tokens += generation.prompt_tokens
             completion_tokens += generation.completion_tokens
             usage[:] = [prompt_tokens, completion_tokens]

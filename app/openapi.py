@@ -72,6 +72,8 @@ def openapi_document(version: str = "1") -> dict:
     spec.path("/v1/completions", operations={"post": _completion_operation("Complete a prompt")})
     spec.path("/v1/engines/{engine}/completions",
               operations={"post": _completion_operation("Complete a prompt with the named engine", engine)})
+    spec.path("/v1/fim/completions", operations={"post": _completion_operation(
+        "Fill in the middle between prompt and suffix (Mistral's FIM route; stream chunks add delta.content)")})
     spec.path("/v1/models", operations={"get": {"summary": "The served models and their aliases", "responses": {
         "200": {"description": "model list", "content": _json("ModelList")}}}})
     for path, summary in (("/health", "Liveness"), ("/ready", "Readiness: every model loaded in this worker")):

@@ -18,7 +18,9 @@ from config import ModelConfig
 from .engine.params import SamplingParams, SequenceResult, TokenLogprob
 from .errors import APIError, InvalidRequestError
 
-MAX_STOP_STRINGS = 4
+# OpenAI takes 4 stop strings; editors send more (Continue's autocomplete sends 12), and checking
+# a few dozen costs nothing next to a decode step.
+MAX_STOP_STRINGS = 64
 MAX_LOGPROBS = 5
 MAX_N = 128
 
@@ -150,6 +152,8 @@ class CompletionRequestSchema(Schema):
     prompt = _StringOrList(min_items=1, allow_none=True)
     suffix = _Text(allow_none=True)
     max_tokens = _StrictInteger(allow_none=True, validate=validate.Range(min=0))
+    # OpenAI's newer name for it; Continue's FIM requests send both.
+    max_completion_tokens = _StrictInteger(allow_none=True, validate=validate.Range(min=0))
     temperature = _Number(allow_none=True, validate=validate.Range(min=0, max=2))
     top_p = _Number(allow_none=True, validate=validate.Range(min=0, max=1, min_inclusive=False))
     n = _StrictInteger(allow_none=True, validate=validate.Range(min=1, max=MAX_N))
@@ -198,7 +202,7 @@ class CompletionRequestSchema(Schema):
             model=data.get("model"),
             prompts=data["prompt"],
             suffix=data.get("suffix"),
-            max_tokens=data.get("max_tokens"),
+            max_tokens=value("max_tokens", data.get("max_completion_tokens")),
             n=value("n", 1),
             best_of=data.get("best_of"),
             stream=value("stream", False),
@@ -278,15 +282,21 @@ def completion_response(completion_id: str, created: int, model: str, choices: l
 
 
 def stream_chunk(completion_id: str, created: int, model: str, index: int, text: str,
-                 logprobs: Iterable[TokenLogprob] | None, finish_reason: str | None) -> dict:
-    """One streamed ``text_completion`` chunk for one choice."""
+                 logprobs: Iterable[TokenLogprob] | None, finish_reason: str | None, chat_delta: bool = False) -> dict:
+    """One streamed ``text_completion`` chunk for one choice.
+
+    With ``chat_delta`` the choice carries its text as ``delta.content`` too: Mistral's FIM API
+    streams that shape, and Continue reads nothing else from ``/v1/fim/completions``.
+    """
+    choice = {"index": index, "text": text, "logprobs": logprobs_object(logprobs), "finish_reason": finish_reason}
+    if chat_delta:
+        choice["delta"] = {"content": text}
     return {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs_object(logprobs),
-                     "finish_reason": finish_reason}],
+        "choices": [choice],
     }
 
 
@@ -342,6 +352,9 @@ class ChoiceSchema(Schema):
     text = fields.String(required=True)
     logprobs = fields.Nested(LogprobsSchema, allow_none=True, required=True)
     finish_reason = fields.String(allow_none=True, required=True, validate=validate.OneOf(["stop", "length"]))
+    delta = fields.Dict(keys=fields.String(), values=fields.String(), metadata={
+        "description": "stream chunks of /v1/fim/completions only: {\"content\": text}, as Mistral's FIM API "
+                       "streams it (Continue reads it)"})
 
 
 class UsageSchema(Schema):

@@ -7,40 +7,50 @@ import pytest
 
 from app.engine.stopping import find_stop
 
-# VSCode FauxPilot plugin (Venthe.fauxpilot): POST {server}/{engine}/completions, no streaming, and in
-# one of its modes no Authorization header; it reads only choices[0].text.
+# VSCode FauxPilot plugin (Venthe.fauxpilot 1.1.8+, settings at their defaults) in its "axios" mode:
+# POST {server}/{engine}/completions with axios 1.5.0, no Authorization header at all, no streaming; it
+# reads only choices[0].text. tests/test_clients.py::test_vscode_fauxpilot_plugin makes the same request
+# (and its "openai" modes') with the pinned libraries against gunicorn.
 FAUXPILOT_PLUGIN = {
     "path": "/v1/engines/codegen/completions",
-    "headers": {"Content-Type": "application/json", "User-Agent": "node-fetch"},
+    "headers": {"Accept": "application/json, text/plain, */*", "Content-Type": "application/json",
+                "User-Agent": "axios/1.5.0", "Accept-Encoding": "gzip, compress, deflate, br"},
     "body": {"model": "fastertransformer", "prompt": "def hello_world():\n    ", "max_tokens": 200,
              "temperature": 0.1, "stop": ["\n"]},
 }
-# Continue's autocomplete with an OpenAI-compatible provider and no FIM support configured: the FIM
-# tokens are already in the prompt, no suffix, streamed.
+# The stops Continue's autocomplete sends for a model on its default FIM template (getStopTokens.ts).
+CONTINUE_STOPS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "<|endoftext|>", "</fim_middle>",
+                  "</code>", "\n\n", "\r\n\r\n", "/src/", "#- coding: utf-8", "```"]
+# Continue's autocomplete with provider "openai": the FIM tokens already in the prompt, no suffix,
+# streamed to /v1/completions (temperature 0.01 when none is configured).
 CONTINUE_PLAIN = {
     "path": "/v1/completions",
-    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-continue",
-                "Accept": "text/event-stream"},
+    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-continue", "api-key": "sk-continue"},
     "body": {"model": "tiny-fim", "prompt": "<fim_prefix>def add(a, b):\n    <fim_suffix>\n<fim_middle>",
-             "max_tokens": 32, "temperature": 0.01, "stop": ["<fim_prefix>", "<fim_suffix>", "\n\n"],
-             "stream": True},
+             "max_tokens": 32, "temperature": 0.01, "stop": CONTINUE_STOPS, "stream": True},
 }
-# Continue with FIM support: prompt and suffix to /v1/fim/completions, streamed.
+# Continue with a FIM provider (provider "mistral", @continuedev/openai-adapters' fimStream): prefix and
+# suffix streamed to /v1/fim/completions.
 CONTINUE_FIM = {
     "path": "/v1/fim/completions",
-    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-continue"},
+    "headers": {"Content-Type": "application/json", "Accept": "application/json", "x-api-key": "sk-continue",
+                "Authorization": "Bearer sk-continue", "User-Agent": "node-fetch"},
     "body": {"model": "tiny-fim", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n",
-             "max_tokens": 32, "temperature": 0.01, "stop": ["\n\n"], "stream": True},
+             "max_tokens": 32, "max_completion_tokens": 32, "temperature": 0.01, "stop": CONTINUE_STOPS,
+             "stream": True},
 }
-# LangChain's OpenAI LLM: the prompt as a list, explicit nulls for what it leaves unset.
+# LangChain's OpenAI LLM (langchain-openai 1.7.4 over openai 3.57.0) with max_tokens=16 and its default
+# temperature, asked for two prompts by batch() or generate(): one request, the prompts as a list, an
+# explicit null for logprobs and seed. invoke() sends the same with a one-prompt list. Recorded from the
+# real client; tests/test_clients.py::test_langchain_openai_llm drives it against gunicorn.
 LANGCHAIN = {
     "path": "/v1/completions",
-    "headers": {"Content-Type": "application/json", "Authorization": "Bearer sk-langchain",
-                "User-Agent": "OpenAI/Python 1.0"},
-    "body": {"model": "codegen", "prompt": ["def add(a, b):\n", "class Stack:\n"], "max_tokens": 16,
-             "temperature": 0.7, "top_p": 1, "n": 1, "frequency_penalty": 0, "presence_penalty": 0,
-             "logit_bias": {}, "logprobs": None, "seed": None, "stream": False, "best_of": 1, "stop": None,
-             "suffix": None, "echo": False, "user": None},
+    "headers": {"Content-Type": "application/json", "Accept": "application/json",
+                "Authorization": "Bearer sk-langchain", "User-Agent": "OpenAI/Python 3.57.0",
+                "X-Stainless-Lang": "python", "X-Stainless-Retry-Count": "0"},
+    "body": {"model": "codegen", "prompt": ["def add(a, b):\n", "class Stack:\n"], "frequency_penalty": 0,
+             "logprobs": None, "max_tokens": 16, "n": 1, "presence_penalty": 0, "seed": None,
+             "temperature": 0.7, "top_p": 1},
 }
 
 

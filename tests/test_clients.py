@@ -1,9 +1,11 @@
-"""Real clients against real gunicorn serving the tiny model: the openai Node SDK and GitHub Copilot's
-language server, both installed from the npm registry on first use (tests/clients/package.json)."""
+"""Real clients against real gunicorn serving the tiny model: the openai Node SDK, GitHub Copilot's
+language server and Continue's LLM adapter, installed from the npm registry on first use
+(tests/clients/package.json)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +17,8 @@ from typing import Any, Callable
 import pytest
 
 from tests.copilot_lsp import LspClient
-from tests.gunicorn_server import ROOT, free_port, serving_tiny_model
+from tests.gunicorn_server import ROOT, Server, free_port, serving_tiny_model
+from tests.tiny_models import build_llama
 
 pytestmark = pytest.mark.slow
 CLIENTS = ROOT / "tests" / "clients"
@@ -26,7 +29,8 @@ def node_clients():
     """tests/clients with its npm packages installed (skip where node is missing)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed to drive the JavaScript clients")
-    if not (CLIENTS / "node_modules" / "openai").exists():
+    packages = json.loads((CLIENTS / "package.json").read_text())["dependencies"]
+    if not all((CLIENTS / "node_modules" / name / "package.json").exists() for name in packages):
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CLIENTS,
                        check=True, timeout=900)
     return CLIENTS
@@ -186,3 +190,132 @@ def test_copilot_language_server_completes_from_our_server(node_clients, tmp_pat
     assert texts, f"no completion; language server said: {client.messages[-5:]}"
     assert texts[0].startswith("    ") and texts[0].strip()
     assert f"POST {editor.prefix}/v1/engines/{editor.engine}/completions status=200" in log
+
+
+def test_langchain_openai_llm(tiny_server, monkeypatch):
+    """LangChain's completions LLM (langchain_openai.OpenAI, over the openai Python SDK) against gunicorn.
+
+    invoke sends a one-prompt list, batch and generate one request with a list of prompts (LangChain
+    slices choices by prompt, n at a time), stream a plain-string prompt with stream: true. 400 and 404
+    reach the caller as the SDK's errors. max_tokens=-1 is left alone: LangChain would count the prompt
+    with tiktoken, which downloads its encodings and knows no context size for our model names.
+    """
+    langchain_openai = pytest.importorskip(
+        "langchain_openai", reason="langchain-openai (requirements-dev.txt) is needed to drive LangChain's OpenAI LLM")
+    import openai
+
+    for tracing in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
+        monkeypatch.delenv(tracing, raising=False)  # no run uploads to LangSmith
+    settings = {"base_url": f"{tiny_server.url}/v1", "api_key": "sk-langchain", "model": "tiny", "max_tokens": 16,
+                "temperature": 0, "max_retries": 0}
+    llm = langchain_openai.OpenAI(**settings)
+    prompts = ["def add(a, b):\n", "class Stack:\n"]
+
+    first, second = llm.invoke(prompts[0]), llm.invoke(prompts[1])
+    assert first and second and first != second  # distinct, so the order checks below mean something
+    assert llm.invoke(prompts[0]) == first  # temperature 0 is deterministic
+
+    assert llm.batch(prompts) == [first, second]
+
+    chunks = list(llm.stream(prompts[0]))
+    assert len(chunks) > 1 and "".join(chunks) == first
+
+    # logprobs turn token healing off (README), so these texts are compared with single logprobs calls.
+    result = llm.generate(prompts, logprobs=2)
+    singles = [llm.generate([prompt], logprobs=2).generations[0][0].text for prompt in prompts]
+    assert singles[0] != singles[1]
+    assert [[g.text for g in generations] for generations in result.generations] == [[singles[0]], [singles[1]]]
+    for prompt, (generation,) in zip(prompts, result.generations):
+        info = generation.generation_info
+        assert info["finish_reason"] in ("length", "stop")
+        logprobs = info["logprobs"]
+        assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) >= 1
+        assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"])
+        assert logprobs["text_offset"][0] == len(prompt)
+    usage = result.llm_output["token_usage"]
+    assert usage["completion_tokens"] >= 2 and usage["prompt_tokens"] >= 2
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    # n choices per prompt, prompt by prompt: greedy, so each prompt's choices are its invoke text.
+    several = langchain_openai.OpenAI(**settings, n=2).generate(prompts)
+    assert [[g.text for g in generations] for generations in several.generations] == [[first] * 2, [second] * 2]
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        langchain_openai.OpenAI(**{**settings, "temperature": 5}).invoke(prompts[0])
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as missing:
+        langchain_openai.OpenAI(**{**settings, "model": "no-such-model"}).invoke(prompts[0])
+    assert missing.value.status_code == 404 and missing.value.body["code"] == "model_not_found"
+
+
+
+@pytest.fixture(scope="module")
+def fim_server(tmp_path_factory):
+    """gunicorn serving a tiny model as `tiny-fim` with its FIM template (tiny_server's model has none).
+
+    Its weights are seed 1's: seed 0's model opens every FIM completion with "\n\n", one of the stops
+    Continue always sends, and completes the same whatever the suffix.
+    """
+    tmp = tmp_path_factory.mktemp("continue")
+    model_dir = build_llama(tmp / "tiny-llama", seed=1)
+    config = tmp / "tiny-fim.toml"
+    config.write_text(f'[[models]]\nname = "tiny-fim"\nsource = "{model_dir}"\ndtype = "float32"\n'
+                      'context_length = 256\nfim = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"\n')
+    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
+    try:
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_continue_openai_adapters(node_clients, fim_server):
+    """Continue's own adapter (@continuedev/openai-adapters 1.37.0, provider "openai") completes from gunicorn.
+
+    Both autocomplete requests, with the stop list Continue sends (12 strings): prefix + suffix streamed
+    to /v1/fim/completions (fimStream), whose chunks Continue reads as choices[0].delta.content, and the
+    FIM tokens in the prompt streamed to /v1/completions (completionStream), read as choices[0].text.
+    An unknown model is a 404 on both.
+    """
+    run = subprocess.run(["node", "continue_adapters.mjs", fim_server.url, "tiny-fim"], cwd=node_clients,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.splitlines()[-1])  # @continuedev/fetch logs lines of its own before it
+    fim, in_prompt, other = out["fim"], out["fim_in_prompt"], out["fim_other_suffix"]
+    # What Continue shows: text in delta.content, the same text as the OpenAI-style choices[].text.
+    assert fim["text"] and fim["chunks"] > 1, out
+    assert fim["text"] == fim["plain_text"] and other["text"] == other["plain_text"]
+    assert in_prompt["text"] and in_prompt["chunks"] > 1, out
+    # The suffix reaches the model: the FIM route completes as the FIM template does, and another
+    # suffix gives another completion.
+    assert fim["text"] == in_prompt["text"] != other["text"]
+    stops = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "<|endoftext|>", "\n\n", "/src/", "```")
+    assert not any(stop in text for stop in stops for text in (fim["text"], in_prompt["text"], other["text"]))
+    missing = json.loads(out["fim_missing"]["message"])  # fimStream throws the body, without the status
+    assert missing["error"]["code"] == "model_not_found"
+    assert out["complete_missing"] == {"status": 404, "name": "NotFoundError"}
+    # The request log: the FIM route's prompt was the template's tokens, suffix included.
+    prompt_tokens = {}
+    for line in fim_server.log_path.read_text().splitlines():
+        found = re.search(r"POST (/v1/\S+) status=200 model=tiny-fim prompt_tokens=(\d+)", line)
+        if found:
+            prompt_tokens.setdefault(found[1], []).append(int(found[2]))
+    assert prompt_tokens["/v1/fim/completions"][0] == prompt_tokens["/v1/completions"][0], prompt_tokens
+
+
+def test_vscode_fauxpilot_plugin(node_clients, tiny_server):
+    """The VSCode FauxPilot extension's requests, made with the libraries it pins, complete from gunicorn.
+
+    Its "openai" mode (openai 4.3.1, Bearer token), its "axios" mode (axios 1.5.0, no
+    Authorization at all) and its 1.1.7 releases (openai 3.3.0), each on the default
+    settings' URL and body; it reads choices[0].text and asks for one line (stop "\\n").
+    """
+    run = subprocess.run(["node", "fauxpilot_plugin.mjs", f"{tiny_server.url}/v1/engines", "codegen", "dummy"],
+                         cwd=node_clients, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert set(out) == {"openai", "axios", "openai_v3"}
+    for mode, result in out.items():
+        assert "error" not in result, (mode, result)
+        assert isinstance(result["text"], str) and "\n" not in result["text"], (mode, result)
+        assert result["finish"] in ("stop", "length"), (mode, result)
