@@ -59,6 +59,33 @@ def test_openai_node_sdk(node_clients, tiny_server):
     assert out["missing"] == {"not_found": True, "status": 404}
 
 
+def test_openai_python_sdk(tiny_server):
+    """The openai Python SDK: create whole and streamed, n with logprobs, echo; 400 and 404 raise its errors."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="not-needed", max_retries=0)
+    prompt = "def add(a, b):\n"
+    whole = client.completions.create(model="codegen", prompt=prompt, max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-") and whole.choices[0].text
+    assert whole.usage.completion_tokens >= 1
+    stream = client.completions.create(model="codegen", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    several = client.completions.create(model="codegen", prompt=prompt, max_tokens=4, n=2, logprobs=2,
+                                        temperature=0.8, seed=1)
+    assert [c.index for c in several.choices] == [0, 1]
+    for choice in several.choices:
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) >= 1
+        assert 1 <= len(choice.logprobs.top_logprobs[0]) <= 2
+    echo = client.completions.create(model="codegen", prompt=prompt, max_tokens=2, echo=True)
+    assert echo.choices[0].text.startswith(prompt)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="codegen", prompt=prompt, temperature=5)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt=prompt)
+
+
 COPILOT_LS = CLIENTS / "node_modules" / "@github" / "copilot-language-server" / "dist" / "language-server.js"
 DOCUMENT = "def fibonacci(n):\n    \nprint(fibonacci(10))\n"
 
