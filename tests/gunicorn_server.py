@@ -73,14 +73,19 @@ class Server:
 
 
 @contextmanager
-def serving_tiny_model(model_dir: Path, tmp: Path) -> Iterator[Server]:
-    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex) from a config file of its own."""
-    config = tmp / "tiny.toml"
-    config.write_text(f'[[models]]\nname = "tiny"\naliases = ["codegen", "copilot-codex"]\n'
-                      f'source = "{model_dir}"\ndtype = "float32"\ncontext_length = 256\n')
+def serving(tmp: Path, model_entry: str) -> Iterator[Server]:
+    """gunicorn serving one model, described by a ``[[models]]`` entry, from a config file of its own."""
+    config = tmp / "models.toml"
+    config.write_text(f"[[models]]\n{model_entry}")
     server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
     try:
         server.wait_ready(120)
         yield server
     finally:
         server.stop()
+
+
+def serving_tiny_model(model_dir: Path, tmp: Path):
+    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex)."""
+    return serving(tmp, f'name = "tiny"\naliases = ["codegen", "copilot-codex"]\nsource = "{model_dir}"\n'
+                        'dtype = "float32"\ncontext_length = 256\n')

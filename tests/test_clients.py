@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.copilot_lsp import LspClient
-from tests.gunicorn_server import ROOT, Server, free_port, serving_tiny_model
+from tests.gunicorn_server import ROOT, free_port, serving, serving_tiny_model
 from tests.tiny_models import build_llama
 
 pytestmark = pytest.mark.slow
@@ -285,15 +285,9 @@ def fim_server(tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("continue")
     model_dir = build_llama(tmp / "tiny-llama", seed=1)
-    config = tmp / "tiny-fim.toml"
-    config.write_text(f'[[models]]\nname = "tiny-fim"\nsource = "{model_dir}"\ndtype = "float32"\n'
-                      'context_length = 256\nfim = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"\n')
-    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
-    try:
-        server.wait_ready(120)
+    with serving(tmp, f'name = "tiny-fim"\nsource = "{model_dir}"\ndtype = "float32"\ncontext_length = 256\n'
+                      'fim = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"\n') as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_continue_openai_adapters(node_clients, fim_server):
