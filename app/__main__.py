@@ -60,12 +60,9 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     """Measure latency and throughput of the configured model."""
-    from app.bench import run_benchmark, run_http_benchmark
+    from app.bench import run_benchmark
 
-    if args.url:
-        run_http_benchmark(args.url, max_tokens=args.max_tokens, runs=args.runs)
-    else:
-        run_benchmark(_engine(settings, args.model), max_tokens=args.max_tokens, runs=args.runs)
+    run_benchmark(_engine(settings, args.model), max_tokens=args.max_tokens, runs=args.runs)
     return 0
 
 
@@ -97,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model")
     bench.add_argument("--max-tokens", type=int, default=48)
     bench.add_argument("--runs", type=int, default=3)
-    bench.add_argument("--url", help="time a running server instead (e.g. http://127.0.0.1:5000)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -65,39 +65,3 @@ def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
         prompt += f"x{i} = "
         typing.append(timed_completion(engine, prompt, max_tokens))
     _report("long prompt + keystrokes (prefix reused)", typing)
-
-
-def http_completion(url: str, prompt: str, max_tokens: int, engine: str = "codegen") -> tuple[float, float, int]:
-    """One streamed greedy request to a running server; return (time to first text s, total s, chunks)."""
-    import http.client
-    import json
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "logit_bias": {}, "stop": []})
-    started = time.perf_counter()
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=300)
-    conn.request("POST", f"{parts.path.rstrip('/')}/v1/engines/{engine}/completions", body=body,
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]!r}")
-    first, chunks = None, 0
-    for line in response:
-        if line.startswith(b"data: {"):
-            chunks += 1
-            if first is None and json.loads(line[6:])["choices"][0]["text"]:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    conn.close()
-    return (first or end) - started, end - started, chunks
-
-
-def run_http_benchmark(url: str, max_tokens: int = 48, runs: int = 3) -> None:
-    """Time streamed completions through a running server, as an editor sees them."""
-    for _ in range(2):
-        http_completion(url, SHORT_PROMPT, 8)  # warm-up
-    samples = [http_completion(url, SHORT_PROMPT + f"# {i}\n", max_tokens) for i in range(runs)]
-    print(f"server {url}, streamed greedy completions of up to {max_tokens} tokens, median of {runs}")
-    _report("short prompt over HTTP (SSE)", samples)
