@@ -123,6 +123,7 @@ class Editor:
     method: str = "textDocument/inlineCompletion"
     engine: str = "codegen"  # the engine the completions arrive for
     prefix: str = ""  # the path the server is served under (gunicorn's SCRIPT_NAME)
+    api_key: str = ""  # the server's one API key, given to the language server as GH_COPILOT_TOKEN
 
 
 def _advanced(url: str) -> dict:
@@ -151,6 +152,8 @@ EDITORS = [
     # The same, with the server under a path prefix: the token's endpoints keep it.
     Editor("environment-only-under-a-prefix", "copilot", lambda url: {}, engine="gpt-41-copilot",
            prefix="/fauxpilot"),
+    # The same against a server with an API key: the key buys the token, the token completes.
+    Editor("environment-only-with-a-key", "copilot", lambda url: {}, engine="gpt-41-copilot", api_key="team-key"),
 ]
 
 
@@ -182,7 +185,8 @@ def test_copilot_language_server_completes_from_our_server(node_clients, tmp_pat
     isolated = _isolated()
     script = (
         f"{'ip link set lo up; ' if isolated else ''}cd {ROOT} && "
-        f"SCRIPT_NAME={editor.prefix} FAUXPILOT_BIND=127.0.0.1:{port} {sys.executable} -m gunicorn -c gunicorn.conf.py wsgi:app "
+        f"SCRIPT_NAME={editor.prefix} FAUXPILOT_API_KEYS={editor.api_key} FAUXPILOT_BIND=127.0.0.1:{port} "
+        f"{sys.executable} -m gunicorn -c gunicorn.conf.py wsgi:app "
         f"> {server_log} 2>&1 & echo $! > {pid_file}; "
         f"for i in $(seq 600); do grep -q 'worker slot 0 ready' {server_log} && break; sleep 0.5; done; "
         f"exec node {COPILOT_LS} --stdio"
@@ -190,7 +194,7 @@ def test_copilot_language_server_completes_from_our_server(node_clients, tmp_pat
     command = ["unshare", "-n", "sh", "-c", script] if isolated else ["sh", "-c", script]
     settings = editor.settings(url)
     env = {**os.environ, "GH_COPILOT_API_URL": f"{url}/api", "GH_COPILOT_SERVER_URL": url,
-           "GH_COPILOT_TOKEN": "no-github-account"}
+           "GH_COPILOT_TOKEN": editor.api_key or "no-github-account"}
     client = LspClient(command, env, tmp_path, settings, tmp_path / "language-server.log")
     try:
         client.request("initialize", {
