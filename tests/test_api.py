@@ -725,6 +725,7 @@ def strict(tiny_settings, engines, monkeypatch):
 
 
 OVERSIZED = [
+    {"prompt": "", "max_tokens": 300},
     {"prompt": PROMPT, "max_tokens": 257},
     {"prompt": PROMPT, "max_tokens": 255},
     {"prompt": "x " * 300, "max_tokens": 1},

@@ -220,17 +220,17 @@ class Engine:
         if cut:
             log.info("[%s] prompt truncated to fit %d tokens: %d prefix tokens cut at the start, %d suffix tokens "
                      "at the end", request_id, budget, cut.prefix_tokens, cut.suffix_tokens)
-        room = self.context_length - (0 if self.is_seq2seq else len(ids))
-        if params.max_tokens > room and truncate:
-            log.info("[%s] max_tokens %d lowered to %d, the room left in the %d-token window", request_id,
-                     params.max_tokens, room, self.context_length)
-            params = dataclasses.replace(params, max_tokens=room)
         if not ids:
             # Nothing to condition on: start from the beginning-of-sequence token.
             bos = self.tokenizer.bos_token_id
             ids = [bos if bos is not None else min(self.eos_ids, default=0)]
         if len(ids) > budget:
             raise self._too_long(len(ids), params.max_tokens)
+        room = self.context_length - (0 if self.is_seq2seq else len(ids))
+        if params.max_tokens > room and truncate:
+            log.info("[%s] max_tokens %d lowered to %d, the room left in the %d-token window", request_id,
+                     params.max_tokens, room, self.context_length)
+            params = dataclasses.replace(params, max_tokens=room)
         bad = [token for token, _ in params.logit_bias if not 0 <= token < self.vocab_size]
         if bad:
             raise InvalidRequestError(
