@@ -287,15 +287,15 @@ def _event_stream(model: Engine, jobs: list[Job], req: CompletionRequest, comple
         yield from _stream_events(model, jobs, req, completion_id, watch, usage, chat_deltas)
         finished = True
     finally:
-        record.usage = (usage[0], usage[1])
+        record.usage = tuple(usage)
         record.finish(200, "" if finished else "client went away")
 
 
 def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, completion_id: str,
                    watch: Watch, usage: list[int], chat_deltas: bool = False) -> Iterator[str]:
+    """The chunks, then the usage chunk if asked for; ``usage`` counts [prompt, completion] tokens as jobs end."""
     created = int(time.time())
     with_logprobs = req.params.logprobs is not None
-    prompt_tokens = completion_tokens = 0
     try:
         for number, job in enumerate(jobs):
             generation = Generation(model, job, *watch)
@@ -304,12 +304,10 @@ def _stream_events(model: Engine, jobs: list[Job], req: CompletionRequest, compl
                     yield sse_event(stream_chunk(completion_id, created, model.name, number * req.n + delta.index,
                                                  delta.text, delta.logprobs if with_logprobs else None,
                                                  delta.finish_reason, chat_delta=chat_deltas))
-            prompt_tokens += generation.prompt_tokens
-            completion_tokens += generation.completion_tokens
-            usage[:] = [prompt_tokens, completion_tokens]
+            usage[0] += generation.prompt_tokens
+            usage[1] += generation.completion_tokens
         if req.include_usage:
-            yield sse_event(usage_chunk(completion_id, created, model.name,
-                                        usage_object(prompt_tokens, completion_tokens)))
+            yield sse_event(usage_chunk(completion_id, created, model.name, usage_object(*usage)))
     except APIError as exc:
         yield sse_event(api_error_envelope(exc))
     except Exception:  # the status line is gone: report in-band, keep the worker serving

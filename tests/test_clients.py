@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -36,6 +37,16 @@ def node_clients():
     return CLIENTS
 
 
+def run_node(clients: Path, script: str, *args: str) -> dict:
+    """Run one of the client scripts and return the JSON object it prints last.
+
+    Only the last line counts: some clients log lines of their own first (@continuedev/fetch does).
+    """
+    run = subprocess.run(["node", script, *args], cwd=clients, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir, tmp_path_factory):
     """gunicorn serving the tiny model (one worker)."""
@@ -45,10 +56,7 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
 
 def test_openai_node_sdk(node_clients, tiny_server):
     """completions.create whole, streamed, with n and logprobs, with echo; 400 and 404 raise the SDK's errors."""
-    run = subprocess.run(["node", "openai_sdk.mjs", tiny_server.url], cwd=node_clients, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+    out = run_node(node_clients, "openai_sdk.mjs", tiny_server.url)
     assert out["whole"]["object"] == "text_completion" and out["whole"]["id"].startswith("cmpl-")
     assert out["whole"]["usage"]["completion_tokens"] >= 1 and out["whole"]["text"]
     assert out["stream"]["text"] == out["whole"]["text"] and out["stream"]["chunks"] > 1
@@ -302,10 +310,7 @@ def test_continue_openai_adapters(node_clients, fim_server):
     FIM tokens in the prompt streamed to /v1/completions (completionStream), read as choices[0].text.
     An unknown model is a 404 on both.
     """
-    run = subprocess.run(["node", "continue_adapters.mjs", fim_server.url, "tiny-fim"], cwd=node_clients,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.splitlines()[-1])  # @continuedev/fetch logs lines of its own before it
+    out = run_node(node_clients, "continue_adapters.mjs", fim_server.url, "tiny-fim")
     fim, in_prompt, other = out["fim"], out["fim_in_prompt"], out["fim_other_suffix"]
     # What Continue shows: text in delta.content, the same text as the OpenAI-style choices[].text.
     assert fim["text"] and fim["chunks"] > 1, out
@@ -335,10 +340,7 @@ def test_vscode_fauxpilot_plugin(node_clients, tiny_server):
     Authorization at all) and its 1.1.7 releases (openai 3.3.0), each on the default
     settings' URL and body; it reads choices[0].text and asks for one line (stop "\\n").
     """
-    run = subprocess.run(["node", "fauxpilot_plugin.mjs", f"{tiny_server.url}/v1/engines", "codegen", "dummy"],
-                         cwd=node_clients, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+    out = run_node(node_clients, "fauxpilot_plugin.mjs", f"{tiny_server.url}/v1/engines", "codegen", "dummy")
     assert set(out) == {"openai", "axios", "openai_v3"}
     for mode, result in out.items():
         assert "error" not in result, (mode, result)
