@@ -1,19 +1,14 @@
 """FauxPilot Lite: an OpenAI/Copilot-compatible code completion server for Hugging Face models."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable, Mapping
 
 from flask import Flask, g, jsonify
-from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
 
-from .errors import APIError
-from .protocol import api_error_envelope, error_envelope
-
-log = logging.getLogger(__name__)
+from .errors import reply_for
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iterable[Any] = ()) -> Flask:
@@ -49,14 +44,5 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
 
 def handle_error(exc: Exception):
     """Every failure leaves as an OpenAI error envelope; only real faults are 5xx, never a traceback."""
-    if isinstance(exc, APIError):
-        return jsonify(api_error_envelope(exc)), exc.status, exc.headers
-    if isinstance(exc, HTTPException):
-        kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
-        code = (exc.name or "error").lower().replace(" ", "_")
-        # Keep the exception's own headers (Allow on 405, for one) on the JSON reply.
-        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
-        return jsonify(error_envelope(exc.description or exc.name, kind, None, code)), exc.code, headers
-    request_id = g.get("request_id", "-")
-    log.exception("[%s] unhandled error", request_id)
-    return jsonify(error_envelope(f"The server had an error processing request {request_id}.", "server_error")), 500
+    envelope, status, headers = reply_for(exc, g.get("request_id", "-"))
+    return jsonify(envelope), status, headers

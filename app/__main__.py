@@ -24,19 +24,19 @@ def _engine(settings: Settings, name: str | None):
 
 def cmd_complete(args: argparse.Namespace, settings: Settings) -> int:
     """Print the completion of a prompt (streamed as it is generated with --stream)."""
-    from app.engine import Generation, SamplingParams
+    from app.engine import SamplingParams
 
     engine = _engine(settings, args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             stop=tuple(args.stop), seed=args.seed)
-    job = engine.prepare(args.prompt, params, suffix=args.suffix, n=args.n, echo=args.echo, request_id="cli")
+    request = engine.prepare(args.prompt, params, suffix=args.suffix, n=args.n, echo=args.echo, request_id="cli")
     if args.stream:
-        for delta in Generation(engine, job):
+        for delta in engine.stream(request):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for result in engine.complete(job):
+    for result in engine.complete(request):
         if args.n > 1:
             print(f"--- choice {result.index} ({result.finish_reason}, {result.completion_tokens} tokens)")
         print(result.text)
@@ -60,7 +60,7 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     """Measure latency and throughput of the configured model."""
-    from app.bench import run_benchmark
+    from app.latency import run_benchmark
 
     run_benchmark(_engine(settings, args.model), max_tokens=args.max_tokens, runs=args.runs)
     return 0
@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return 2
-    from app.errors import APIError
+    from app.engine.errors import EngineError
 
     try:
         return args.func(args, settings)
-    except APIError as exc:
+    except EngineError as exc:
         log.error("%s", exc.message)
         return 1
 

@@ -1,66 +1,73 @@
-"""Exceptions that map to OpenAI error envelopes; plain Python so the engine can raise them too."""
+"""Every failure as HTTP: the map from the protocol's, the web layer's and the engine's errors to status
+codes and OpenAI error envelopes ``{"error": {message, type, param, code}}``."""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 
-class APIError(Exception):
-    """An error the client caused or should know about; ``status`` is its HTTP code."""
+from werkzeug.exceptions import HTTPException
 
-    status = 500
-    type = "server_error"
-    default_code: str | None = None
-    headers: dict[str, str] = {}
+from .engine import errors as engine
+from .protocol import InvalidRequestError, error_envelope
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code or self.default_code
+log = logging.getLogger(__name__)
+
+Reply = tuple[dict, int, dict[str, str]]  # envelope, status, headers
 
 
-class InvalidRequestError(APIError):
-    """A malformed or out-of-range request (HTTP 400)."""
-
-    status = 400
-    type = "invalid_request_error"
-
-
-class AuthenticationError(APIError):
+class AuthenticationError(Exception):
     """A missing or wrong API key (HTTP 401)."""
 
-    status = 401
-    type = "authentication_error"
-    default_code = "invalid_api_key"
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message, self.param, self.code = message, None, None
 
 
-class ModelNotFoundError(APIError):
-    """An engine or model name that this server does not serve (HTTP 404)."""
+@dataclass(frozen=True)
+class Answer:
+    """How one kind of error is answered."""
 
-    status = 404
-    type = "invalid_request_error"
-    default_code = "model_not_found"
+    status: int
+    type: str = "invalid_request_error"
+    code: str | None = None
+    retry_after: bool = False  # clients should come back shortly
 
-
-class ServerBusyError(APIError):
-    """Too many requests are already waiting for this worker (HTTP 429)."""
-
-    status = 429
-    type = "rate_limit_error"
-    default_code = "server_busy"
-    headers = {"Retry-After": "1"}
-
-
-class ModelUnavailableError(APIError):
-    """The model could not be loaded, so nothing can be served (HTTP 503)."""
-
-    status = 503
-    type = "server_error"
-    default_code = "model_unavailable"
+    def reply(self, exc: Exception) -> Reply:
+        """The envelope, status and headers of ``exc`` (its own code, when it names one, wins)."""
+        headers = {"Retry-After": "1"} if self.retry_after else {}
+        code = getattr(exc, "code", None) or self.code
+        return error_envelope(exc.message, self.type, exc.param, code), self.status, headers
 
 
-class RequestTimeoutError(APIError):
-    """The request ran past the server's wall-clock limit and was stopped (HTTP 503, retry later)."""
+# The errors a client causes or should know about; anything else is a server fault (500).
+ANSWERS: dict[type[Exception], Answer] = {
+    InvalidRequestError: Answer(400),
+    AuthenticationError: Answer(401, "authentication_error", "invalid_api_key"),
+    engine.PromptTooLong: Answer(400, code="context_length_exceeded"),
+    engine.InvalidParameter: Answer(400),
+    engine.UnknownModel: Answer(404, code="model_not_found"),
+    engine.EngineBusy: Answer(429, "rate_limit_error", "server_busy", retry_after=True),
+    engine.RequestTimedOut: Answer(503, "server_error", "request_timeout", retry_after=True),
+    engine.ModelUnavailable: Answer(503, "server_error", "model_unavailable"),
+}
+SERVER_FAULT = Answer(500, "server_error")
 
-    status = 503
-    type = "server_error"
-    default_code = "request_timeout"
-    headers = {"Retry-After": "1"}
+
+def reply_for(exc: Exception, request_id: str) -> Reply:
+    """The reply to any exception; an unexpected one is logged with its traceback and answered 500 without it."""
+    answer = next((ANSWERS[cls] for cls in type(exc).__mro__ if cls in ANSWERS), None)
+    if answer is not None:
+        return answer.reply(exc)
+    if isinstance(exc, HTTPException):
+        return _http_reply(exc)
+    log.error("[%s] unhandled error", request_id, exc_info=exc)
+    message = f"The server had an error processing request {request_id}."
+    return error_envelope(message, SERVER_FAULT.type), SERVER_FAULT.status, {}
+
+
+def _http_reply(exc: HTTPException) -> Reply:
+    """werkzeug's own errors (404 route, 405, 413) as envelopes, keeping their headers (Allow on 405)."""
+    kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
+    code = (exc.name or "error").lower().replace(" ", "_")
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+    return error_envelope(exc.description or exc.name, kind, None, code), exc.code or 500, headers

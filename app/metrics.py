@@ -6,11 +6,16 @@ a single process) the app's own registry is exported.
 """
 from __future__ import annotations
 
+import logging
 import time
+from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .engine import EngineStats
+
+request_log = logging.getLogger("app.requests")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
@@ -49,15 +54,12 @@ class Metrics:
             self.prompt_tokens.labels(label).inc(usage[0])
             self.completion_tokens.labels(label).inc(usage[1])
 
-    def observe_engine(self, engine) -> None:
+    def observe(self, model: str, stats: EngineStats) -> None:
         """Refresh the gauges of one engine: its batch, its queue and its prefix cache."""
-        running, waiting = engine.scheduler.load
-        self.running.labels(engine.name).set(running)
-        self.waiting.labels(engine.name).set(waiting)
-        cache = getattr(engine.runner, "prefix_cache", None)
-        if cache is not None:
-            self.cache_hits.labels(engine.name).set(cache.hits)
-            self.cache_misses.labels(engine.name).set(cache.misses)
+        self.running.labels(model).set(stats.running)
+        self.waiting.labels(model).set(stats.waiting)
+        self.cache_hits.labels(model).set(stats.cache_hits)
+        self.cache_misses.labels(model).set(stats.cache_misses)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format (every worker's, under gunicorn)."""
@@ -66,3 +68,49 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class RequestRecord:
+    """One request's log line and metrics: the serving layer fills it in, the blueprint's last hook writes it."""
+
+    def __init__(self, request_id: str, route: str, metrics: Metrics):
+        self.request_id, self.route, self.metrics = request_id, route, metrics
+        self.started = time.perf_counter()
+        self.engine = None  # the engine that served it, once known
+        self.usage = (0, 0)  # prompt, completion tokens
+        self.complete = True  # False while a stream has not reached its end
+
+    def finish(self, status: int) -> None:
+        """Write the request's log line (never prompt text) and count it in the metrics."""
+        note = "" if self.complete else " client went away"
+        model = self.engine.name if self.engine is not None else None
+        request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f%s",
+                         self.request_id, self.route, status, model or "-", self.usage[0], self.usage[1],
+                         (time.perf_counter() - self.started) * 1000, note)
+        self.metrics.record(model, status, self.started, self.usage)
+        if self.engine is not None:
+            self.metrics.observe(model, self.engine.stats())
+
+    def finish_after(self, body: Iterable, status: int) -> "FinishedOnClose":
+        """``body`` (a stream) that writes this record when the server closes it."""
+        return FinishedOnClose(body, lambda: self.finish(status))
+
+
+class FinishedOnClose:
+    """A response body that calls ``on_close`` once, when the server closes it (after the last byte or a hang-up)."""
+
+    def __init__(self, body: Iterable, on_close):
+        self.body, self.on_close = body, on_close
+
+    def __iter__(self) -> Iterator:
+        return iter(self.body)
+
+    def close(self) -> None:
+        """Close the inner body, then call ``on_close``."""
+        on_close, self.on_close = self.on_close, None
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            if on_close is not None:
+                on_close()

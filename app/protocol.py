@@ -1,28 +1,45 @@
-"""The OpenAI completions wire format: request schemas, response and stream-chunk builders, errors.
+"""The OpenAI completions wire format: one schema per shape, loaded into or dumped from plain objects.
 
-Requests load into frozen dataclasses; the engine never sees a raw dict.  Unknown
-fields (Copilot sends ``extra``, ``nwo``, ``code_annotations``) are ignored, and an
-explicit ``null`` means the field's default.
+A request body loads into a frozen :class:`CompletionRequest` (its sampling part a
+:class:`SamplingParams`); the engine never sees a raw dict. The schema's fields carry the
+dataclasses' field names (``data_key`` where the wire name differs), the defaults live only
+in the dataclasses, unknown fields (Copilot sends ``nwo``, ``code_annotations``) are ignored,
+and an explicit ``null`` means the field's default.
+
+Every response body is dumped through its schema, the same one the OpenAPI document
+(app.openapi) shows, so the document and the bytes sent cannot disagree on a key.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 from config import ModelConfig
 
-from .engine.params import SamplingParams, SequenceResult, TokenLogprob
-from .errors import APIError, InvalidRequestError
+from .engine.params import SamplingParams, TokenLogprob
 
 # OpenAI takes 4 stop strings; editors send more (Continue's autocomplete sends 12), and checking
 # a few dozen costs nothing next to a decode step.
 MAX_STOP_STRINGS = 64
 MAX_LOGPROBS = 5
 MAX_N = 128
+# curl -d sends form-urlencoded by default; the body is still JSON, so accept it too.
+JSON_CONTENT_TYPES = ("", "application/json", "application/x-www-form-urlencoded")
+
+
+class InvalidRequestError(Exception):
+    """A body that is not a valid completion request; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+# -- request fields ------------------------------------------------------------
 
 
 class _StrictInteger(fields.Integer):
@@ -93,6 +110,13 @@ class _StringOrList(fields.Field):
         return tuple(value)
 
 
+class _StopStrings(_StringOrList):
+    """Stop strings, without the empty ones: an empty string would end every completion before it starts."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return tuple(s for s in super()._deserialize(value, attr, data, **kwargs) if s)
+
+
 class _LogitBias(fields.Field):
     """``{"token id": bias}`` with biases in -100..100, loaded as sorted (id, bias) pairs."""
 
@@ -111,109 +135,126 @@ class _LogitBias(fields.Field):
         return tuple(sorted(pairs))
 
 
+class _CopilotHints(fields.Raw):
+    """Copilot's ``extra`` hints, loaded as whether they say ``trim_by_indentation: true``.
+
+    Copilot puts editor context in there (language, indentation); only a real JSON true
+    turns the dedent stop on, and anything else, malformed included, is ignored.
+    """
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return isinstance(value, dict) and value.get("trim_by_indentation") is True
+
+
 class StreamOptionsSchema(Schema):
     """``stream_options``: only ``include_usage`` is defined."""
 
     class Meta:
         unknown = EXCLUDE
 
-    include_usage = _StrictBoolean(load_default=False, allow_none=True)
+    include_usage = _StrictBoolean(allow_none=True)
 
 
-@dataclass(frozen=True)
+class _StreamOptions(fields.Nested):
+    """``stream_options``, loaded as whether it asks for the usage chunk (``include_usage: true``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(StreamOptionsSchema, **kwargs)
+
+    def _deserialize(self, value, attr, data, partial=None, **kwargs):
+        # The nested schema checks it first, so a bad include_usage is named as stream_options.include_usage.
+        options = super()._deserialize(value, attr, data, partial=partial, **kwargs)
+        return options.get("include_usage") is True
+
+
+# -- requests ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CompletionRequest:
-    """A parsed ``/v1/completions`` body."""
+    """A parsed ``/v1/completions`` body; its defaults are the API's."""
 
-    model: str | None
+    model: str | None = None
     prompts: tuple[str, ...]
-    suffix: str | None
-    max_tokens: int | None
-    n: int
-    best_of: int | None
-    stream: bool
-    echo: bool
-    include_usage: bool
-    user: str | None
-    params: SamplingParams
+    suffix: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    echo: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
 
-    def sampling_params(self, model: ModelConfig) -> SamplingParams:
-        """The sampling parameters with the model's default max_tokens filled in."""
-        max_tokens = model.max_tokens if self.max_tokens is None else self.max_tokens
-        return SamplingParams(**{**self.params.__dict__, "max_tokens": max_tokens})
+
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class CompletionRequestSchema(Schema):
-    """Validates an OpenAI completions request body."""
+    """Validates an OpenAI completions request body into a :class:`CompletionRequest`.
+
+    Attribute names are CompletionRequest's or SamplingParams' field names; ``data_key`` gives
+    the wire name where it differs. Declaration order decides which error is reported first.
+    """
 
     class Meta:
         unknown = EXCLUDE
 
     model = _Text(allow_none=True)
-    prompt = _StringOrList(min_items=1, allow_none=True)
+    prompts = _StringOrList(data_key="prompt", min_items=1)
     suffix = _Text(allow_none=True)
     max_tokens = _StrictInteger(allow_none=True, validate=validate.Range(min=0))
-    # OpenAI's newer name for it; Continue's FIM requests send both.
+    # OpenAI's newer name for max_tokens, used when max_tokens is not given; Continue's FIM requests send both.
     max_completion_tokens = _StrictInteger(allow_none=True, validate=validate.Range(min=0))
     temperature = _Number(allow_none=True, validate=validate.Range(min=0, max=2))
     top_p = _Number(allow_none=True, validate=validate.Range(min=0, max=1, min_inclusive=False))
     n = _StrictInteger(allow_none=True, validate=validate.Range(min=1, max=MAX_N))
     best_of = _StrictInteger(allow_none=True, validate=validate.Range(min=1, max=MAX_N))
     stream = _StrictBoolean(allow_none=True)
-    stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
+    include_usage = _StreamOptions(data_key="stream_options", allow_none=True)
     logprobs = _StrictInteger(allow_none=True, validate=validate.Range(min=0, max=MAX_LOGPROBS))
     echo = _StrictBoolean(allow_none=True)
-    stop = _StringOrList(max_items=MAX_STOP_STRINGS, allow_none=True)
+    stop = _StopStrings(max_items=MAX_STOP_STRINGS, allow_none=True)
     presence_penalty = _Number(allow_none=True, validate=validate.Range(min=-2, max=2))
     frequency_penalty = _Number(allow_none=True, validate=validate.Range(min=-2, max=2))
     logit_bias = _LogitBias(allow_none=True)
     user = _Text(allow_none=True)
     # int64, as OpenAI documents it (torch's generator also refuses anything past 64 bits).
     seed = _StrictInteger(allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
-    # Copilot's hints; only {"trim_by_indentation": true} is used, anything else is ignored.
-    extra = fields.Raw(allow_none=True, metadata={"description": "Copilot's hints (trim_by_indentation)"})
+    trim_by_indentation = _CopilotHints(data_key="extra", allow_none=True,
+                                        metadata={"description": "Copilot's hints (trim_by_indentation)"})
+
+    @pre_load
+    def _drop_nulls(self, data, **kwargs):
+        # Clients send null to mean "not set", so a null field loads as the dataclass default.
+        return {key: value for key, value in data.items() if value is not None}
 
     @validates_schema
-    def _check_combinations(self, data, **kwargs):
-        if data.get("prompt") is None:
+    def _require_prompt(self, data, **kwargs):
+        # Here rather than required=True: a missing prompt is reported only when every field is valid.
+        if "prompts" not in data:
             raise ValidationError("prompt is required (a string or an array of strings)", "prompt")
-        n, best_of = data.get("n") or 1, data.get("best_of")
-        if best_of is not None and best_of < n:
-            raise ValidationError(f"best_of ({best_of}) must be greater than or equal to n ({n})", "best_of")
-        if data.get("stream") and best_of is not None and best_of > n:
-            raise ValidationError("best_of greater than n cannot be used with stream", "best_of")
 
     @post_load
     def _make_request(self, data, **kwargs) -> CompletionRequest:
-        def value(key, default):
-            return default if data.get(key) is None else data[key]
-
-        params = SamplingParams(
-            temperature=float(value("temperature", 1.0)),
-            top_p=float(value("top_p", 1.0)),
-            presence_penalty=float(value("presence_penalty", 0.0)),
-            frequency_penalty=float(value("frequency_penalty", 0.0)),
-            logit_bias=value("logit_bias", ()),
-            stop=tuple(s for s in value("stop", ()) if s),
-            seed=data.get("seed"),
-            logprobs=data.get("logprobs"),
-            trim_by_indentation=isinstance(data.get("extra"), dict) and data["extra"].get("trim_by_indentation") is True,
-        )
-        return CompletionRequest(
-            model=data.get("model"),
-            prompts=data["prompt"],
-            suffix=data.get("suffix"),
-            max_tokens=value("max_tokens", data.get("max_completion_tokens")),
-            n=value("n", 1),
-            best_of=data.get("best_of"),
-            stream=value("stream", False),
-            echo=value("echo", False),
-            include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
-            user=data.get("user"),
-            params=params,
-        )
+        fallback = data.pop("max_completion_tokens", None)
+        if fallback is not None:
+            data.setdefault("max_tokens", fallback)
+        params = {name: data.pop(name) for name in _PARAM_NAMES & data.keys()}
+        request = CompletionRequest(**data, params=SamplingParams(**params))
+        _check_combinations(request)
+        return request
 
 
-_SCHEMA = CompletionRequestSchema()
+def _check_combinations(request: CompletionRequest) -> None:
+    """Refuse best_of values that contradict n or stream (after defaults are applied)."""
+    n, best_of = request.n, request.best_of
+    if best_of is not None and best_of < n:
+        raise ValidationError(f"best_of ({best_of}) must be greater than or equal to n ({n})", "best_of")
+    if request.stream and best_of is not None and best_of > n:
+        raise ValidationError("best_of greater than n cannot be used with stream", "best_of")
+
+
+_REQUEST = CompletionRequestSchema()
 
 
 def _first_error(messages: Any, path: str = "") -> tuple[str, str]:
@@ -227,120 +268,38 @@ def _first_error(messages: Any, path: str = "") -> tuple[str, str]:
     return path, str(messages)
 
 
+def decode_json_body(data: bytes, content_type: str) -> Any:
+    """The decoded JSON of a request body (``content_type`` without parameters)."""
+    if content_type not in JSON_CONTENT_TYPES:
+        raise InvalidRequestError(f"Content-Type must be application/json, got {content_type!r}.",
+                                  code="unsupported_content_type")
+    try:
+        return json.loads(data or b"null")
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("The request body is not valid JSON.", code="invalid_json") from None
+
+
 def parse_completion_request(body: Any) -> CompletionRequest:
     """Validate a decoded JSON body; raise InvalidRequestError naming the offending field."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError("The request body must be a JSON object.")
     try:
-        return _SCHEMA.load(body)
+        return _REQUEST.load(body)
     except ValidationError as exc:
         param, message = _first_error(exc.messages)
         raise InvalidRequestError(f"Invalid value for '{param}': {message}", param=param or None) from None
 
 
-# -- responses -----------------------------------------------------------------
-
-
-def logprobs_object(entries: Iterable[TokenLogprob] | None) -> dict | None:
-    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
-    if entries is None:
-        return None
-    entries = list(entries)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top) if e.top or e.logprob is not None else None for e in entries],
-        "text_offset": [e.offset for e in entries],
-    }
-
-
-def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
-    """The ``usage`` block."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_response(completion_id: str, created: int, model: str, choices: list[tuple[int, SequenceResult]],
-                        usage: dict, with_logprobs: bool) -> dict:
-    """A whole ``text_completion`` object; ``choices`` pairs each result with its choice index."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": index,
-                "text": result.text,
-                "logprobs": logprobs_object(result.logprobs) if with_logprobs else None,
-                "finish_reason": result.finish_reason,
-            }
-            for index, result in choices
-        ],
-        "usage": usage,
-    }
-
-
-def stream_chunk(completion_id: str, created: int, model: str, index: int, text: str,
-                 logprobs: Iterable[TokenLogprob] | None, finish_reason: str | None, chat_delta: bool = False) -> dict:
-    """One streamed ``text_completion`` chunk for one choice.
-
-    With ``chat_delta`` the choice carries its text as ``delta.content`` too: Mistral's FIM API
-    streams that shape, and Continue reads nothing else from ``/v1/fim/completions``.
-    """
-    choice = {"index": index, "text": text, "logprobs": logprobs_object(logprobs), "finish_reason": finish_reason}
-    if chat_delta:
-        choice["delta"] = {"content": text}
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-
-
-def usage_chunk(completion_id: str, created: int, model: str, usage: dict) -> dict:
-    """The final chunk of ``stream_options.include_usage``: no choices, only usage."""
-    return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": usage}
-
-
-def sse_event(payload: dict | str) -> str:
-    """One server-sent event carrying a JSON payload (or a literal such as ``[DONE]``)."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-def error_envelope(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
-    """OpenAI's error body."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def api_error_envelope(error: APIError) -> dict:
-    """The envelope of an :class:`APIError`."""
-    return error_envelope(error.message, error.type, error.param, error.code)
-
-
-def model_list(models: Iterable[ModelConfig], created: int) -> dict:
-    """``GET /v1/models``: every served model, with its aliases."""
-    data = []
-    for model in models:
-        data.append({"id": model.name, "object": "model", "created": created, "owned_by": "fauxpilot-lite",
-                     "aliases": list(model.aliases), "fill_in_the_middle": model.fim is not None})
-    return {"object": "list", "data": data}
-
-
-# -- response schemas: the OpenAPI document is generated from these, and tests check the builders
-# -- against them ------------------------------------------------------------------------------
+# -- response schemas: the builders below dump through these, and the OpenAPI document shows them --
 
 
 class LogprobsSchema(Schema):
-    """``choices[].logprobs`` when requested."""
+    """``choices[].logprobs`` when requested: OpenAI's legacy columns, one entry per token in each."""
 
     tokens = fields.List(fields.String(), required=True)
     token_logprobs = fields.List(fields.Float(allow_none=True), required=True)
-    top_logprobs = fields.List(fields.Dict(keys=fields.String(), values=fields.Float()), allow_none=True,
+    # null for a token without a logprob (an echoed first token), so the entries, not the list, are nullable.
+    top_logprobs = fields.List(fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True),
                                required=True)
     text_offset = fields.List(fields.Integer(), required=True)
 
@@ -366,10 +325,10 @@ class UsageSchema(Schema):
 
 
 class CompletionSchema(Schema):
-    """A ``text_completion`` object: the whole answer, or one chunk of a stream (``usage`` null there)."""
+    """A ``text_completion`` object: the whole answer, or one chunk of a stream (no ``usage`` there)."""
 
     id = fields.String(required=True)
-    object = fields.String(required=True, validate=validate.Equal("text_completion"))
+    object = fields.String(required=True, validate=validate.Equal("text_completion"), dump_default="text_completion")
     created = fields.Integer(required=True)
     model = fields.String(required=True)
     choices = fields.List(fields.Nested(ChoiceSchema), required=True)
@@ -395,9 +354,9 @@ class ModelSchema(Schema):
     """One served model."""
 
     id = fields.String(required=True)
-    object = fields.String(required=True)
+    object = fields.String(required=True, validate=validate.Equal("model"), dump_default="model")
     created = fields.Integer(required=True)
-    owned_by = fields.String(required=True)
+    owned_by = fields.String(required=True, dump_default="fauxpilot-lite")
     aliases = fields.List(fields.String())
     fill_in_the_middle = fields.Boolean()
 
@@ -405,5 +364,106 @@ class ModelSchema(Schema):
 class ModelListSchema(Schema):
     """``GET /v1/models``."""
 
-    object = fields.String(required=True)
+    object = fields.String(required=True, validate=validate.Equal("list"), dump_default="list")
     data = fields.List(fields.Nested(ModelSchema), required=True)
+
+
+# Created once: a stream dumps one chunk per generated token.
+_LOGPROBS = LogprobsSchema()
+_USAGE = UsageSchema()
+_COMPLETION = CompletionSchema()
+_ERROR_ENVELOPE = ErrorEnvelopeSchema()
+_MODEL_LIST = ModelListSchema()
+
+
+# -- response builders ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceOut:
+    """One finished choice of a whole completion, as the serving layer hands it over."""
+
+    index: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+
+
+def _logprob_columns(entries: Iterable[TokenLogprob] | None) -> dict | None:
+    """LogprobsSchema's source: the tokens' attributes as columns (None when logprobs were not asked for)."""
+    if entries is None:
+        return None
+    entries = list(entries)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        # A token without a logprob (an echoed first token) has no alternatives either: null, as OpenAI sends.
+        "top_logprobs": [dict(e.top) if e.top or e.logprob is not None else None for e in entries],
+        "text_offset": [e.offset for e in entries],
+    }
+
+
+def _usage_source(prompt_tokens: int, completion_tokens: int) -> dict:
+    """UsageSchema's source."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprobs_object(entries: Iterable[TokenLogprob] | None) -> dict | None:
+    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs, text_offset), or None."""
+    columns = _logprob_columns(entries)
+    return None if columns is None else _LOGPROBS.dump(columns)
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
+    """The ``usage`` block."""
+    return _USAGE.dump(_usage_source(prompt_tokens, completion_tokens))
+
+
+def completion_response(completion_id: str, created: int, model: str, choices: Sequence[ChoiceOut],
+                        prompt_tokens: int, completion_tokens: int, with_logprobs: bool) -> dict:
+    """A whole ``text_completion`` object with its usage; ``logprobs`` is null unless ``with_logprobs``."""
+    return _COMPLETION.dump({
+        "id": completion_id, "created": created, "model": model,
+        "choices": [{"index": choice.index, "text": choice.text, "finish_reason": choice.finish_reason,
+                     "logprobs": _logprob_columns(choice.logprobs if with_logprobs else None)}
+                    for choice in choices],
+        "usage": _usage_source(prompt_tokens, completion_tokens),
+    })
+
+
+def stream_chunk(completion_id: str, created: int, model: str, index: int, text: str,
+                 logprobs: Iterable[TokenLogprob] | None, finish_reason: str | None, chat_delta: bool = False) -> dict:
+    """One streamed ``text_completion`` chunk for one choice (no ``usage`` key).
+
+    With ``chat_delta`` the choice carries its text as ``delta.content`` too: Mistral's FIM API
+    streams that shape, and Continue reads nothing else from ``/v1/fim/completions``.
+    """
+    choice = {"index": index, "text": text, "logprobs": _logprob_columns(logprobs), "finish_reason": finish_reason}
+    if chat_delta:
+        choice["delta"] = {"content": text}
+    return _COMPLETION.dump({"id": completion_id, "created": created, "model": model, "choices": [choice]})
+
+
+def usage_chunk(completion_id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The final chunk of ``stream_options.include_usage``: no choices, only usage."""
+    return _COMPLETION.dump({"id": completion_id, "created": created, "model": model, "choices": [],
+                             "usage": _usage_source(prompt_tokens, completion_tokens)})
+
+
+def sse_event(payload: dict | str) -> str:
+    """One server-sent event carrying a JSON payload (or a literal such as ``[DONE]``)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def error_envelope(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
+    """OpenAI's error body."""
+    return _ERROR_ENVELOPE.dump({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def model_list(models: Iterable[ModelConfig], created: int) -> dict:
+    """``GET /v1/models``: every served model, with its aliases."""
+    return _MODEL_LIST.dump({"data": [
+        {"id": model.name, "created": created, "aliases": model.aliases, "fill_in_the_middle": model.fim is not None}
+        for model in models]})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,8 +71,23 @@ class ModelConfig:
         return (self.name, *self.aliases)
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """The settings a model's engine runs with (its slice of :class:`Settings`; each default lives here)."""
+
+    debug: bool = False  # log the model prompt, token ids, stop decisions and timings of every request
+    max_batch: int = 8  # sequences decoded together per model and worker
+    max_waiting: int = 8  # requests queued beyond the batch before 429
+    prefix_cache: bool = True
+    prefix_cache_mb: int = 512
+    token_healing: bool = True
+    truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
+    torch_threads: int | None = None  # CPU threads for prompts; None: cores / workers
+    decode_threads: int | None = None  # CPU threads while decoding; None: torch_threads - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(EngineOptions):
     """Everything the server, the workers and the engine are configured with."""
 
     models: tuple[ModelConfig, ...]
@@ -79,24 +96,20 @@ class Settings:
     threads: int = 16
     timeout: int = 120
     device: str = "auto"
-    torch_threads: int | None = None
-    decode_threads: int | None = None
     cache_dir: Path = Path("~/.cache/fauxpilot-lite").expanduser()
     api_keys: tuple[str, ...] = ()
     api_keys_file: Path | None = None  # more keys, one per line ('#' comments), read at start-up
-    debug: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int = 4096  # a request's max_tokens above this is a 400
     max_sequences: int = 16  # prompts × max(n, best_of) above this is a 400
     request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For/Proto/Host/Prefix are believed
     metrics_dir: str | None = None  # prometheus-client's multiprocess folder (gunicorn.conf.py sets one)
-    max_batch: int = 8
-    max_waiting: int = 8
-    prefix_cache: bool = True
-    prefix_cache_mb: int = 512
-    token_healing: bool = True
-    truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
+
+    @property
+    def engine(self) -> EngineOptions:
+        """The engine's slice of these settings."""
+        return EngineOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineOptions)})
 
     def replace(self, **changes: Any) -> "Settings":
         """Return a copy with some settings changed (validated like the file)."""
@@ -196,32 +209,38 @@ def _env_float(value: str) -> float:
         raise ConfigError(f"expected a number, got {value!r}") from None
 
 
-# Environment variable -> (setting, parser).  FAUXPILOT_MODEL is handled apart.
-ENV_OVERRIDES = {
-    "FAUXPILOT_BIND": ("bind", str),
-    "FAUXPILOT_WORKERS": ("workers", _env_int),
-    "FAUXPILOT_THREADS": ("threads", _env_int),
-    "FAUXPILOT_TIMEOUT": ("timeout", _env_int),
-    "FAUXPILOT_DEVICE": ("device", str),
-    "FAUXPILOT_TORCH_THREADS": ("torch_threads", _env_int),
-    "FAUXPILOT_DECODE_THREADS": ("decode_threads", _env_int),
-    "FAUXPILOT_CACHE_DIR": ("cache_dir", lambda v: Path(v).expanduser()),
-    "FAUXPILOT_API_KEYS": ("api_keys", lambda v: tuple(k.strip() for k in v.split(",") if k.strip())),
-    "FAUXPILOT_API_KEYS_FILE": ("api_keys_file", lambda v: Path(v).expanduser() if v else None),
-    "FAUXPILOT_DEBUG": ("debug", _env_bool),
-    "FAUXPILOT_MAX_BATCH": ("max_batch", _env_int),
-    "FAUXPILOT_MAX_WAITING": ("max_waiting", _env_int),
-    "FAUXPILOT_PREFIX_CACHE": ("prefix_cache", _env_bool),
-    "FAUXPILOT_PREFIX_CACHE_MB": ("prefix_cache_mb", _env_int),
-    "FAUXPILOT_MAX_REQUEST_BYTES": ("max_request_bytes", _env_int),
-    "FAUXPILOT_MAX_TOKENS_LIMIT": ("max_tokens_limit", _env_int),
-    "FAUXPILOT_MAX_SEQUENCES": ("max_sequences", _env_int),
-    "FAUXPILOT_REQUEST_TIMEOUT": ("request_timeout", _env_float),
-    "FAUXPILOT_TRUSTED_PROXIES": ("trusted_proxies", _env_int),
-    "PROMETHEUS_MULTIPROC_DIR": ("metrics_dir", lambda v: v or None),
-    "FAUXPILOT_TOKEN_HEALING": ("token_healing", _env_bool),
-    "FAUXPILOT_TRUNCATE_PROMPTS": ("truncate_prompts", _env_bool),
-}
+def _env_path(value: str) -> Path:
+    return Path(value).expanduser()
+
+
+def _env_keys(value: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+# How a variable's text becomes a value, by the setting's type.
+_PARSERS = {bool: _env_bool, int: _env_int, float: _env_float, str: str, Path: _env_path, tuple[str, ...]: _env_keys}
+# Settings a variable cannot set (FAUXPILOT_MODEL changes the first model apart), and names kept from elsewhere.
+_NOT_FROM_ENV = {"models"}
+_ENV_NAMES = {"metrics_dir": "PROMETHEUS_MULTIPROC_DIR"}
+
+
+def _env_parser(kind: Any):
+    """The parser of a setting's type; an optional setting given an empty value is None."""
+    if typing.get_origin(kind) is types.UnionType:
+        inner = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        parse = _PARSERS[inner]
+        return lambda value: parse(value) if value.strip() else None
+    return _PARSERS[kind]
+
+
+def _env_overrides() -> dict[str, tuple[str, Any]]:
+    """Environment variable -> (setting, parser), for every setting: ``FAUXPILOT_<NAME>``."""
+    hints = typing.get_type_hints(Settings)
+    return {_ENV_NAMES.get(f.name, f"FAUXPILOT_{f.name.upper()}"): (f.name, _env_parser(hints[f.name]))
+            for f in dataclasses.fields(Settings) if f.name not in _NOT_FROM_ENV}
+
+
+ENV_OVERRIDES = _env_overrides()
 
 
 def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:

@@ -75,7 +75,7 @@ def assert_envelope(response, status: int, type_: str = "invalid_request_error",
 def sse_payloads(response) -> list[str]:
     """The data of every server-sent event, checking the framing: ``data: <x>`` then a blank line.
 
-    The response is closed afterwards, as a WSGI server does (that releases the worker's gate).
+    The response is closed afterwards, as a WSGI server does (that releases the worker's admission ticket).
     """
     try:
         assert response.status_code == 200, response.get_data(as_text=True)
@@ -720,7 +720,7 @@ def strict(tiny_settings, engines, monkeypatch):
     from app import create_app
 
     for engine in engines.values():
-        monkeypatch.setattr(engine, "truncate_prompts", False)
+        monkeypatch.setattr(engine.preparer, "options", dataclasses.replace(engine.options, truncate_prompts=False))
     return create_app(tiny_settings.replace(truncate_prompts=False), engines=engines.values()).test_client()
 
 
@@ -827,14 +827,14 @@ def test_json_with_charset_accepted(client):
 
 
 def test_worker_keeps_serving_after_errors(client, engines):
-    """After every kind of bad request the worker still answers, and no gate slot leaked."""
+    """After every kind of bad request the worker still answers, and no admission ticket leaked."""
     for body, _ in BAD_FIELDS:
         assert post(client, body).status_code == 400
     for data, content_type, _ in BAD_BODIES:
         assert client.post("/v1/completions", data=data, content_type=content_type).status_code == 400
     assert post(client, {"prompt": "x " * 300, "max_tokens": 1, "echo": True}).status_code == 400
     assert post(client, {"prompt": PROMPT, "model": "nope"}).status_code == 404
-    assert engines["tiny"].gate.count == 0
+    assert engines["tiny"].stats().requests == 0
     body = greedy(client, max_tokens=3)
     assert body["usage"]["completion_tokens"] == 3
 
@@ -945,25 +945,25 @@ def test_server_fault_500(client, engines, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("kaboom-internal-detail")
 
-    monkeypatch.setattr(engines["tiny"], "complete", broken)
+    monkeypatch.setattr(engines["tiny"], "stream", broken)
     response = post(client, {"prompt": PROMPT, "max_tokens": 2}, headers={"X-Request-Id": "fault-1"})
     error = assert_envelope(response, 500, type_="server_error")
     text = response.get_data(as_text=True)
     assert "kaboom-internal-detail" not in text and "RuntimeError" not in text and "Traceback" not in text
     assert "fault-1" in error["message"]
-    assert engines["tiny"].gate.count == 0
+    assert engines["tiny"].stats().requests == 0
     monkeypatch.undo()
     assert greedy(client, max_tokens=2)["usage"]["completion_tokens"] == 2
 
 
 def test_busy_429(tiny_settings):
-    """With max_waiting 0 and the gate held, the next request is a 429; after release it is served."""
+    """With max_waiting 0 and the admission full, the next request is a 429; after release it is served."""
     from app import create_app
 
     app = create_app(tiny_settings.replace(max_batch=1, max_waiting=0))
     client = app.test_client()
     engine = app.extensions["fauxpilot"].get("tiny")
-    release = engine.gate.enter()
+    ticket = engine.admit()
     try:
         error = assert_envelope(post(client, {"prompt": PROMPT, "max_tokens": 1}), 429, type_="rate_limit_error",
                                 code="server_busy")
@@ -972,9 +972,9 @@ def test_busy_429(tiny_settings):
         assert_envelope(response, 429, type_="rate_limit_error", code="server_busy")
         assert response.headers["Retry-After"] == "1"  # when to come back
     finally:
-        release()
+        ticket.release()
     assert ok(client, {"prompt": PROMPT, "max_tokens": 1})["model"] == "tiny"
-    assert engine.gate.count == 0
+    assert engine.stats().requests == 0
 
 
 # -- request log -----------------------------------------------------------------------
@@ -1044,12 +1044,12 @@ def test_request_past_time_limit_is_stopped(tiny_settings, engines, stream):
         error = assert_envelope(response, 503, type_="server_error", code="request_timeout")
         assert response.headers["Retry-After"] == "1" and "longer than this server allows" in error["message"]
     response.close()
-    assert engines["tiny"].gate.count == 0
+    assert engines["tiny"].stats().requests == 0
     # The scheduler drops the cancelled work at its next step, on its own thread.
     deadline = time.monotonic() + 10
-    while engines["tiny"].scheduler.load[0] and time.monotonic() < deadline:
+    while engines["tiny"].stats().running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engines["tiny"].scheduler.load[0] == 0
+    assert engines["tiny"].stats().running == 0
 
 
 def test_metrics_count_requests_tokens_and_batch(client):
@@ -1122,10 +1122,10 @@ def test_copilot_extra_trim_by_indentation_is_read(extra, wanted):
 @pytest.mark.parametrize("prompt, lead", [("def f(n):\n", ""), ("def f(n):\n    ", "    "), ("x = f(", None)])
 def test_trim_by_indentation_measures_the_cursor_line(engine, prompt, lead):
     """The dedent stop starts from the cursor's line: whitespace before the cursor counts, code does not."""
-    from app.engine import Generation, SamplingParams
+    from app.engine import SamplingParams
 
-    job = engine.prepare(prompt, SamplingParams(max_tokens=4, temperature=0.0, trim_by_indentation=True))
-    stop = Generation(engine, job)._sequence(0).stop
+    request = engine.prepare(prompt, SamplingParams(max_tokens=4, temperature=0.0, trim_by_indentation=True))
+    stop = request.sequences[0].stop
     assert stop.dedent is not None and stop.dedent.lead == lead
     plain = engine.prepare(prompt, SamplingParams(max_tokens=4, temperature=0.0))
-    assert Generation(engine, plain)._sequence(0).stop.dedent is None
+    assert plain.sequences[0].stop.dedent is None

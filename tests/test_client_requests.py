@@ -90,19 +90,19 @@ def test_continue_autocomplete(client, recorded):
 def test_continue_fim_route_fills_the_middle(client, engines, monkeypatch):
     """Through /v1/fim/completions the suffix reaches the model's FIM template (it is not ignored)."""
     engine = engines["tiny-fim"]
-    jobs = []
-    real_prepare = engine.prepare
+    requests = []
+    real_prepare = engine.preparer.prepare  # behind both engine.prepare and engine.prepare_all
 
     def recording_prepare(*args, **kwargs):
-        jobs.append(real_prepare(*args, **kwargs))
-        return jobs[-1]
+        requests.append(real_prepare(*args, **kwargs))
+        return requests[-1]
 
-    monkeypatch.setattr(engine, "prepare", recording_prepare)
+    monkeypatch.setattr(engine.preparer, "prepare", recording_prepare)
     response = replay(client, CONTINUE_FIM)
     assert response.status_code == 200
-    (job,) = jobs
-    assert job.used_fim
-    prompt_text = engine.tokenizer.decode(job.prompt_ids)
+    (request,) = requests
+    assert request.used_fim
+    prompt_text = engine.tokenizer.decode(request.prompt_ids)
     assert CONTINUE_FIM["body"]["suffix"].strip() in prompt_text and "<fim_middle>" in prompt_text
 
 

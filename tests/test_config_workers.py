@@ -10,6 +10,7 @@ import torch
 import config
 from app.engine import loader
 from app.engine.loader import ModelLoadError, ResolvedSource, pick_device, resolve_dtype, resolve_source
+from app.engine.threads import cpu_threads
 from app.workers import free_slot, off_main_thread
 from config import ConfigError, ModelConfig, Settings, load_settings, settings_from_mapping
 
@@ -199,7 +200,8 @@ def test_cpu_threads(torch_threads, decode_threads, workers, cores, plan):
     """Prefill gets the configured threads or the worker's share of cores; decode one fewer unless set."""
     settings = Settings(models=(ModelConfig(name="m", source="x"),), workers=workers,
                         torch_threads=torch_threads, decode_threads=decode_threads)
-    assert loader.cpu_threads(settings, cores) == plan
+    assert cpu_threads(settings, settings.workers, cores) == plan
+    assert cpu_threads(settings.engine, settings.workers, cores) == plan  # the options load_engine passes
 
 
 def test_off_main_thread_notifies_while_work_runs():

@@ -1,11 +1,14 @@
 """End-to-end generation with the tiny random-weights Llama: determinism, streaming, caching, options."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from app.engine import Generation, SamplingParams, complete
-from app.errors import InvalidRequestError
+from app.engine import Request, SamplingParams, complete
+from app.engine.errors import InvalidParameter, PromptTooLong
+from app.errors import reply_for
 from tests.tiny_models import FIM_TOKENS, SAMPLE_CODE
 
 PROMPT = "x = 1"  # greedy continues it with varied tokens
@@ -19,6 +22,13 @@ def greedy(max_tokens: int = 24, **settings) -> SamplingParams:
 def sampled(seed: int, max_tokens: int = 10, **settings) -> SamplingParams:
     """Seeded sampling parameters at temperature 1."""
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, **settings)
+
+
+def run(engine, prompt: str, params: SamplingParams, **options) -> Request:
+    """Prepare one request, run it to its end with engine.complete and return it."""
+    request = engine.prepare(prompt, params, **options)
+    engine.complete(request)
+    return request
 
 
 def test_greedy_is_deterministic(engine):
@@ -46,22 +56,20 @@ def test_cached_decode_matches_full_recompute(engine):
 
 def test_stream_deltas_add_up_to_the_completion(engine):
     """Concatenated streamed deltas equal the non-streamed text, and only the last has a reason."""
-    job = engine.prepare(PROMPT, greedy())
-    deltas = list(Generation(engine, job))
+    deltas = list(engine.stream(engine.prepare(PROMPT, greedy())))
     assert all(d.index == 0 for d in deltas)
-    assert "".join(d.text for d in deltas) == engine.complete(job)[0].text
+    assert "".join(d.text for d in deltas) == engine.complete(engine.prepare(PROMPT, greedy()))[0].text
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert deltas[-1].finish_reason in ("length", "stop")
 
 
 def test_stream_with_stop_and_n_matches_results(engine):
     """Per-index streamed text equals each sequence's result when stops and n > 1 are involved."""
-    job = engine.prepare(PROMPT, sampled(seed=11, max_tokens=16, stop=("e",)), n=3)
-    generation = Generation(engine, job)
+    request = engine.prepare(PROMPT, sampled(seed=11, max_tokens=16, stop=("e",)), n=3)
     streamed = {i: "" for i in range(3)}
-    for delta in generation:
+    for delta in engine.stream(request):
         streamed[delta.index] += delta.text
-    results = generation.results()
+    results = request.results()
     assert [r.index for r in results] == [0, 1, 2]
     assert [streamed[i] for i in range(3)] == [r.text for r in results]
     assert all("e" not in r.text for r in results)
@@ -75,11 +83,13 @@ def test_prefix_cache_gives_same_output_as_cold_run(engine):
     assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.small_block
     engine.forget()
     complete(engine, LONG_PROMPT[:-20], params=greedy(8))
-    warm = complete(engine, LONG_PROMPT, params=greedy())[0]
-    assert engine.last_reused > 0 and engine.last_reused % engine.runner.small_block == 0
+    warm_request = run(engine, LONG_PROMPT, greedy())
+    warm = warm_request.results()[0]
+    assert warm_request.reused > 0 and warm_request.reused % engine.runner.small_block == 0
     engine.forget()
-    cold = complete(engine, LONG_PROMPT, params=greedy())[0]
-    assert engine.last_reused == 0
+    cold_request = run(engine, LONG_PROMPT, greedy())
+    cold = cold_request.results()[0]
+    assert cold_request.reused == 0
     assert warm.text == cold.text
     assert warm.cumulative_logprob == cold.cumulative_logprob
 
@@ -88,8 +98,9 @@ def test_same_request_twice_is_identical(engine):
     """Repeating a request (which reuses its cache) gives the same text and logprobs as the first time."""
     engine.forget()
     first = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
-    second = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
-    assert engine.last_reused > 0
+    second_request = run(engine, LONG_PROMPT, greedy(logprobs=2))
+    second = second_request.results()[0]
+    assert second_request.reused > 0
     assert second.text == first.text and second.logprobs == first.logprobs
 
 
@@ -97,8 +108,9 @@ def test_prefix_cache_shorter_prompt(engine):
     """A prompt that is a prefix of the cached one (cache cropped) still matches a cold run exactly."""
     complete(engine, LONG_PROMPT, params=greedy(4))
     shorter = LONG_PROMPT[:-40]
-    warm = complete(engine, shorter, params=greedy())[0]
-    assert engine.last_reused > 0
+    warm_request = run(engine, shorter, greedy())
+    warm = warm_request.results()[0]
+    assert warm_request.reused > 0
     engine.forget()
     cold = complete(engine, shorter, params=greedy())[0]
     assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
@@ -118,7 +130,7 @@ def test_n_with_seed_is_reproducible(engine):
 def test_best_of_keeps_the_most_likely(engine):
     """best_of=4, n=2 returns the 2 of the 4 same-seed samples with the highest mean logprob."""
     params = sampled(seed=3)
-    best = engine.complete(engine.prepare(PROMPT, params, n=2), best_of=4)
+    best = engine.complete(engine.prepare(PROMPT, params, n=2, best_of=4))
     assert [r.index for r in best] == [0, 1]
     assert best[0].mean_logprob >= best[1].mean_logprob
     all_four = complete(engine, PROMPT, params=params, n=4)
@@ -163,15 +175,15 @@ def test_max_tokens_zero(engine):
 def test_echo_prepends_prompt_with_prompt_logprobs(engine):
     """echo puts the prompt in front; its first token has no logprob and offsets start at 0."""
     plain = complete(engine, PROMPT, params=greedy(8, logprobs=0))[0]
-    job = engine.prepare(PROMPT, greedy(8, logprobs=2), echo=True)
-    result = engine.complete(job)[0]
+    request = engine.prepare(PROMPT, greedy(8, logprobs=2), echo=True)
+    result = engine.complete(request)[0]
     assert result.text == PROMPT + plain.text
-    prompt_len = len(job.prompt_ids)
+    prompt_len = len(request.prompt_ids)
     assert len(result.logprobs) == prompt_len + len(plain.logprobs)
     first = result.logprobs[0]
     assert first.logprob is None and first.offset == 0 and first.top == ()
     assert [e.offset for e in result.logprobs[:prompt_len]] == \
-        [len(engine.decode(job.prompt_ids[:i])) for i in range(prompt_len)]
+        [len(engine.decode(request.prompt_ids[:i])) for i in range(prompt_len)]
     assert result.logprobs[prompt_len].offset == len(PROMPT)
     for entry in result.logprobs:
         if "\ufffd" not in entry.token:  # a token holding part of a character has no exact text
@@ -212,7 +224,7 @@ def reference_greedy(engine, prompt: str, steps: int, presence: float, frequency
             for token in set(out):
                 logits[token] -= frequency * out.count(token) + presence
             out.append(int(logits.argmax()))
-            if out[-1] in engine.eos_ids:
+            if out[-1] in engine.preparer.eos_ids:
                 break
     return out
 
@@ -241,73 +253,76 @@ def test_logit_bias_forces_a_token(engine):
 
 def test_prepare_rejects_context_overflow(engine, monkeypatch):
     """Without truncation, prompt + max_tokens past the 256-token context is a context_length_exceeded error."""
-    monkeypatch.setattr(engine, "truncate_prompts", False)
+    options = dataclasses.replace(engine.preparer.options, truncate_prompts=False)
+    monkeypatch.setattr(engine.preparer, "options", options)
     ids = engine.tokenizer(PROMPT)["input_ids"]
     engine.prepare(PROMPT, greedy(256 - len(ids)))  # exactly fits
-    with pytest.raises(InvalidRequestError) as info:
+    with pytest.raises(PromptTooLong) as info:
         engine.prepare(PROMPT, greedy(257 - len(ids)))
     assert info.value.param == "max_tokens"
-    assert info.value.code == "context_length_exceeded"
-    assert info.value.status == 400
+    too_long = info.value
+    assert (too_long.prompt_tokens, too_long.max_tokens, too_long.context_length) == (len(ids), 257 - len(ids), 256)
+    envelope, status, _ = reply_for(info.value, "-")  # how the web layer answers it
+    assert envelope["error"]["code"] == "context_length_exceeded"
+    assert status == 400
 
 
 def test_prepare_fits_a_long_prompt_to_the_window(engine, monkeypatch):
     """With truncation, a long prompt keeps its last tokens and max_tokens shrinks to the room left."""
-    monkeypatch.setattr(engine, "healer", None)  # healing would hold back the last prompt token
+    monkeypatch.setattr(engine.preparer, "healer", None)  # healing would hold back the last prompt token
     ids = engine.tokenizer("x " * 300)["input_ids"]
-    job = engine.prepare("x " * 300, greedy(100))
-    assert list(job.prompt_ids) == ids[len(ids) - 156:] and job.params.max_tokens == 100
-    job = engine.prepare(PROMPT, greedy(300))  # more than the window: the prompt fits, max_tokens shrinks
-    assert len(job.prompt_ids) + job.params.max_tokens == 256
+    request = engine.prepare("x " * 300, greedy(100))
+    assert list(request.prompt_ids) == ids[len(ids) - 156:] and request.params.max_tokens == 100
+    request = engine.prepare(PROMPT, greedy(300))  # more than the window: the prompt fits, max_tokens shrinks
+    assert len(request.prompt_ids) + request.params.max_tokens == 256
 
 
 @pytest.mark.parametrize("beyond", [0, 10_000, "negative"])
 def test_prepare_rejects_out_of_vocabulary_bias(engine, beyond):
     """logit_bias ids outside the vocabulary are rejected with param "logit_bias"."""
-    bad_id = -1 if beyond == "negative" else engine.vocab_size + beyond
-    engine.prepare(PROMPT, greedy(logit_bias=((engine.vocab_size - 1, 1.0),)))  # the last id is fine
-    with pytest.raises(InvalidRequestError) as info:
+    vocab_size = engine.preparer.vocab_size
+    bad_id = -1 if beyond == "negative" else vocab_size + beyond
+    engine.prepare(PROMPT, greedy(logit_bias=((vocab_size - 1, 1.0),)))  # the last id is fine
+    with pytest.raises(InvalidParameter) as info:
         engine.prepare(PROMPT, greedy(logit_bias=((5, 1.0), (bad_id, 1.0))))
     assert info.value.param == "logit_bias"
 
 
 def test_suffix_ignored_without_fim(engine):
     """A plain model completes from the prefix alone: suffix ignored, same ids as without it."""
-    job = engine.prepare("def f(", greedy(logprobs=0), suffix="):\n    pass\n")  # logprobs: no healing
-    assert job.used_fim is False and job.healing is None
-    assert list(job.prompt_ids) == engine.tokenizer("def f(")["input_ids"]
+    request = engine.prepare("def f(", greedy(logprobs=0), suffix="):\n    pass\n")  # logprobs: no healing
+    assert request.used_fim is False and request.healing is None
+    assert list(request.prompt_ids) == engine.tokenizer("def f(")["input_ids"]
 
 
 def test_fim_prompt_layout(engines):
     """With FIM tokens the prompt is <prefix> prefix <suffix> suffix <middle>, token by token."""
     fim = engines["tiny-fim"]
     prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
-    job = fim.prepare(prefix, greedy(), suffix=suffix)
-    assert job.used_fim is True
+    request = fim.prepare(prefix, greedy(), suffix=suffix)
+    assert request.used_fim is True
     pre, suf, mid = (fim.tokenizer.convert_tokens_to_ids(t) for t in FIM_TOKENS)
     piece = lambda text: fim.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     expected = [pre, *piece(prefix), suf, *piece(suffix), mid]
-    assert len(job.prompt_ids) == len(expected)
-    for position, (got, want) in enumerate(zip(job.prompt_ids, expected)):
+    assert len(request.prompt_ids) == len(expected)
+    for position, (got, want) in enumerate(zip(request.prompt_ids, expected)):
         assert got == want, f"token {position}: {got} != {want}"
     assert len({pre, suf, mid}) == 3 and all(i not in piece(prefix + suffix) for i in (pre, suf, mid))
-    result = fim.complete(job)[0]
+    result = fim.complete(request)[0]
     assert result.completion_tokens == 24 or result.finish_reason == "stop"
 
 
 def test_fim_engine_without_suffix_is_plain(engines):
     """The FIM model with no suffix encodes the prompt plainly."""
     fim = engines["tiny-fim"]
-    job = fim.prepare("def f(", greedy(logprobs=0))  # logprobs: no token healing
-    assert job.used_fim is False and job.healing is None
-    assert list(job.prompt_ids) == fim.tokenizer("def f(")["input_ids"]
+    request = fim.prepare("def f(", greedy(logprobs=0))  # logprobs: no token healing
+    assert request.used_fim is False and request.healing is None
+    assert list(request.prompt_ids) == fim.tokenizer("def f(")["input_ids"]
 
 
 @pytest.fixture(scope="module")
 def int8_engine(tiny_settings):
     """The tiny model with int8 weights (dynamic activation scales: chunking would show)."""
-    import dataclasses
-
     from app.engine import loader
 
     if not loader.int8_supported():
@@ -320,9 +335,10 @@ def test_int8_cached_requests_match_cold_and_stream(int8_engine):
     engine = int8_engine
     engine.forget()
     cold = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
-    again = complete(engine, LONG_PROMPT, params=greedy(logprobs=1))[0]
-    assert engine.last_reused > 0
-    streamed = "".join(d.text for d in Generation(engine, engine.prepare(LONG_PROMPT, greedy(logprobs=1))))
+    again_request = run(engine, LONG_PROMPT, greedy(logprobs=1))
+    again = again_request.results()[0]
+    assert again_request.reused > 0
+    streamed = "".join(d.text for d in engine.stream(engine.prepare(LONG_PROMPT, greedy(logprobs=1))))
     assert again.logprobs == cold.logprobs
     assert again.text == cold.text == streamed
 
@@ -349,7 +365,7 @@ def run_prefill(runner, ids):
 @pytest.mark.parametrize("lengths", [(70, 75, 140, 130, 64, 200), (30, 100, 100, 65, 129)])
 def test_prefix_reuse_is_bit_identical_across_block_sizes(engine, lengths):
     """Growing, shrinking and crossing big-block bounds, a warm prefill equals a cold one bit for bit."""
-    from app.engine.generate import CausalRunner
+    from app.engine.runners import CausalRunner
     from app.engine.kvcache import PrefixCache
 
     ids = engine.tokenizer(SAMPLE_CODE * 3)["input_ids"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.engine.params import SamplingParams
-from app.engine.sampling import LogitBias, Penalties, Temperature, TokenChooser, TopP, build_processors
+from app.engine.sampling import LogitBias, Penalties, Picks, Temperature, TokenChooser, TopP, build_processors
 
 CPU = torch.device("cpu")
 NEG_INF = float("-inf")
@@ -180,21 +180,25 @@ def test_greedy_presence_penalty_changes_the_argmax_once():
 def test_logprobs_are_raw_log_softmax_at_chosen_ids():
     """Reported logprobs come from the model's own distribution, before bias/penalties/temperature."""
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [1.0, 1.0, 3.0, 0.0]])
-    choice = chooser(batch=2, temperature=0.0, logit_bias=((3, 100.0),))(logits)
-    assert choice.token_ids.tolist() == [3, 3]
+    picks = chooser(batch=2, temperature=0.0, logit_bias=((3, 100.0),))(logits)
+    assert isinstance(picks, Picks)
+    assert picks.token_ids.tolist() == [3, 3]
     expected = logits.log_softmax(dim=-1)[:, 3]
-    torch.testing.assert_close(choice.logprobs, expected)
-    assert choice.top_ids is None and choice.top_logprobs is None
+    torch.testing.assert_close(picks.logprobs, expected)
+    assert picks.top_ids is None and picks.top_logprobs is None and picks.top_pairs() == []
 
 
 def test_top_logprobs_are_sorted_and_raw():
     """logprobs=k returns the k most likely raw tokens per row, best first."""
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0, -1.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
-    choice = chooser(vocab=5, batch=2, temperature=0.7, seed=1, logprobs=3)(logits)
-    assert choice.top_ids.tolist() == [[1, 3, 2], [0, 1, 2]]
+    picks = chooser(vocab=5, batch=2, temperature=0.7, seed=1, logprobs=3)(logits)
+    assert picks.top_ids.tolist() == [[1, 3, 2], [0, 1, 2]]
     raw = logits.log_softmax(dim=-1)
-    torch.testing.assert_close(choice.top_logprobs, raw.gather(1, choice.top_ids))
-    assert (choice.top_logprobs[:, :-1] >= choice.top_logprobs[:, 1:]).all()
+    torch.testing.assert_close(picks.top_logprobs, raw.gather(1, picks.top_ids))
+    assert (picks.top_logprobs[:, :-1] >= picks.top_logprobs[:, 1:]).all()
+    pairs = picks.top_pairs()  # per row, (token id, logprob) best first
+    assert [tuple(token for token, _ in row) for row in pairs] == [(1, 3, 2), (0, 1, 2)]
+    torch.testing.assert_close(torch.tensor([[lp for _, lp in row] for row in pairs]), raw.gather(1, picks.top_ids))
 
 
 def draws(seed: int, steps: int = 20, batch: int = 3) -> list[list[int]]:
@@ -249,7 +253,7 @@ def test_no_penalties_keep_no_counts():
 def test_logprob_of_greedy_choice_is_the_max():
     """The greedy choice's logprob is the largest log-probability of its row."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    choice = chooser(vocab=50, batch=3, temperature=0.0, logprobs=1)(logits)
-    torch.testing.assert_close(choice.logprobs, logits.log_softmax(-1).max(-1).values)
-    torch.testing.assert_close(choice.top_logprobs[:, 0], choice.logprobs)
-    assert all(math.isfinite(v) for v in choice.logprobs.tolist())
+    picks = chooser(vocab=50, batch=3, temperature=0.0, logprobs=1)(logits)
+    torch.testing.assert_close(picks.logprobs, logits.log_softmax(-1).max(-1).values)
+    torch.testing.assert_close(picks.top_logprobs[:, 0], picks.logprobs)
+    assert all(math.isfinite(v) for v in picks.logprobs.tolist())

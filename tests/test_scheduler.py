@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from app.engine import Generation, SamplingParams
+from app.engine import SamplingParams, Watch
 from app.engine.kvcache import PrefixCache, block_bounds, cache_bytes, cache_from_tensors, layer_tensors
 from tests.tiny_models import SAMPLE_CODE
 
@@ -21,15 +21,14 @@ def greedy(max_tokens: int = 20, **settings) -> SamplingParams:
 
 def no_eos(engine, max_tokens: int, **settings) -> SamplingParams:
     """Greedy parameters that generate exactly ``max_tokens`` tokens (end-of-sequence banned)."""
-    return greedy(max_tokens, logit_bias=tuple((t, -100.0) for t in sorted(engine.eos_ids)), **settings)
+    return greedy(max_tokens, logit_bias=tuple((t, -100.0) for t in sorted(engine.preparer.eos_ids)), **settings)
 
 
-def alone(engine, job):
-    """Run one job with nothing else in the scheduler."""
+def alone(engine, request):
+    """Run one request with nothing else in the scheduler."""
     engine.forget()
-    generation = Generation(engine, job)
-    list(generation)
-    return generation.results()
+    list(engine.stream(request))
+    return request.results()
 
 
 class Recorder:
@@ -68,32 +67,30 @@ class Recorder:
         return max((rows for kind, rows in self.events if kind == "decode"), default=0)
 
 
-def run_together(engine, jobs):
-    """Submit every job while the scheduler is held, so they all run in one batch; return each one's results."""
+def run_together(engine, requests):
+    """Submit every request while the scheduler is held, so they all run in one batch; return each one's results."""
     entered, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=engine.scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
     holder.start()
     assert entered.wait(30)
-    generations = [Generation(engine, job) for job in jobs]
-    threads = [threading.Thread(target=list, args=(g,)) for g in generations]
+    threads = [threading.Thread(target=list, args=(engine.stream(request),)) for request in requests]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
-    while engine.scheduler.load[1] < len(jobs) and time.monotonic() < deadline:
+    while engine.scheduler.load[1] < len(requests) and time.monotonic() < deadline:
         time.sleep(0.005)
     release.set()
     for thread in threads + [holder]:
         thread.join(60)
-    return [g.results() for g in generations]
+    return [request.results() for request in requests]
 
 
 def test_batched_greedy_equals_unbatched(engine, monkeypatch):
     """Prompts of different lengths decoded together give exactly what each gives alone."""
-    jobs = [engine.prepare(p, greedy(40)) for p in PROMPTS]
-    expected = [alone(engine, job) for job in jobs]
+    expected = [alone(engine, engine.prepare(p, greedy(40))) for p in PROMPTS]
     recorder = Recorder(engine, monkeypatch)
     engine.forget()
-    together = run_together(engine, jobs)
+    together = run_together(engine, [engine.prepare(p, greedy(40)) for p in PROMPTS])
     assert recorder.max_rows >= 3
     for want, got in zip(expected, together):
         assert [r.text for r in got] == [r.text for r in want]
@@ -103,15 +100,18 @@ def test_batched_greedy_equals_unbatched(engine, monkeypatch):
 
 def test_batched_mixed_settings_equal_unbatched(engine):
     """Stops, n > 1 with seeds, logit bias and penalties keep per-request semantics inside one batch."""
-    jobs = [
-        engine.prepare(PROMPTS[0], greedy(30, stop=("e",))),
-        engine.prepare(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.8, seed=5), n=3),
-        engine.prepare(PROMPTS[2], no_eos(engine, 16, frequency_penalty=1.5)),
-        engine.prepare(PROMPTS[3], greedy(5, logprobs=2)),
-    ]
-    expected = [alone(engine, job) for job in jobs]
+    def prepare_all():
+        """The four requests, freshly prepared (a request runs once)."""
+        return [
+            engine.prepare(PROMPTS[0], greedy(30, stop=("e",))),
+            engine.prepare(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.8, seed=5), n=3),
+            engine.prepare(PROMPTS[2], no_eos(engine, 16, frequency_penalty=1.5)),
+            engine.prepare(PROMPTS[3], greedy(5, logprobs=2)),
+        ]
+
+    expected = [alone(engine, request) for request in prepare_all()]
     engine.forget()
-    together = run_together(engine, jobs)
+    together = run_together(engine, prepare_all())
     for want, got in zip(expected, together):
         assert [(r.index, r.text, r.finish_reason) for r in got] == [(r.index, r.text, r.finish_reason) for r in want]
     assert all("e" not in r.text for r in together[0])
@@ -125,8 +125,8 @@ def test_batch_respects_max_rows(tiny_settings, monkeypatch):
 
     engine = load_engine(tiny_settings.models[0], tiny_settings.replace(max_batch=2))
     recorder = Recorder(engine, monkeypatch)
-    jobs = [engine.prepare(p, no_eos(engine, 60)) for p in PROMPTS]
-    results = run_together(engine, jobs)
+    requests = [engine.prepare(p, no_eos(engine, 60)) for p in PROMPTS]
+    results = run_together(engine, requests)
     assert recorder.max_rows == 2
     assert [r[0].completion_tokens for r in results] == [60] * len(PROMPTS)
 
@@ -135,17 +135,17 @@ def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
     """A newcomer's prompt blocks alternate with decode steps of the sequences already running."""
     engine.forget()
     long_prompt = SAMPLE_CODE * 2  # several 32-token blocks
-    running = Generation(engine, engine.prepare("x = 1", no_eos(engine, 200)))
-    newcomer = Generation(engine, engine.prepare(long_prompt, no_eos(engine, 4)))
-    assert len(newcomer.job.prompt_ids) > 4 * engine.runner.small_block
+    running = engine.prepare("x = 1", no_eos(engine, 200))
+    newcomer = engine.prepare(long_prompt, no_eos(engine, 4))
+    assert len(newcomer.prompt_ids) > 4 * engine.runner.small_block
     recorder = Recorder(engine, monkeypatch)
-    deltas = iter(running)
+    deltas = engine.stream(running)
     next(deltas)  # decoding now
     entered, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=engine.scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
     holder.start()
     assert entered.wait(30)
-    newcomer_thread = threading.Thread(target=list, args=(newcomer,))
+    newcomer_thread = threading.Thread(target=list, args=(engine.stream(newcomer),))
     newcomer_thread.start()
     while engine.scheduler.load[1] < 1:
         time.sleep(0.001)
@@ -153,7 +153,7 @@ def test_long_prompt_prefill_interleaves_with_decoding(engine, monkeypatch):
     list(deltas)
     newcomer_thread.join(60)
     long_blocks = [i for i, (kind, size) in enumerate(recorder.events)
-                   if kind == "prefill" and size == len(newcomer.job.prompt_ids)]
+                   if kind == "prefill" and size == len(newcomer.prompt_ids)]
     assert len(long_blocks) > 3
     between = recorder.events[long_blocks[0]:long_blocks[-1]]
     # At least one step between blocks; more where blocks run on a helper thread beside the decode steps.
@@ -167,9 +167,9 @@ def test_cancelled_work_stops_within_one_step(engine, monkeypatch):
     """Closing a stream drops its sequence at the next step and frees its row; the other goes on."""
     recorder = Recorder(engine, monkeypatch)
     engine.forget()
-    keep = Generation(engine, engine.prepare(PROMPTS[1], no_eos(engine, 60)))
-    keep_thread = threading.Thread(target=list, args=(keep,))
-    drop = iter(Generation(engine, engine.prepare(PROMPTS[0], no_eos(engine, 200))))
+    keep = engine.prepare(PROMPTS[1], no_eos(engine, 60))
+    keep_thread = threading.Thread(target=list, args=(engine.stream(keep),))
+    drop = engine.stream(engine.prepare(PROMPTS[0], no_eos(engine, 200)))
     next(drop)
     keep_thread.start()
     while recorder.max_rows < 2:
@@ -199,7 +199,7 @@ def test_failed_step_fails_its_work_and_the_scheduler_goes_on(engine, monkeypatc
 
     monkeypatch.setattr(engine.runner.batch, "decode", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        list(Generation(engine, engine.prepare(PROMPTS[0], greedy(6))))
+        list(engine.stream(engine.prepare(PROMPTS[0], greedy(6))))
     assert alone(engine, engine.prepare(PROMPTS[0], greedy(6)))[0].text == expected
 
 
@@ -267,7 +267,7 @@ def test_engine_prefix_cache_budget_under_many_prompts(tiny_settings):
     prefix_cache = engine.runner.prefix_cache
     for i in range(12):
         alone_prompt = f"# file {i}\n" + SAMPLE_CODE * 2
-        list(Generation(engine, engine.prepare(alone_prompt, greedy(2))))
+        list(engine.stream(engine.prepare(alone_prompt, greedy(2))))
         assert prefix_cache.nbytes <= prefix_cache.budget == 2**20
     assert 0 < len(prefix_cache) < 12
 
@@ -296,9 +296,9 @@ def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):
     holder.start()
     assert entered.wait(30)
     gone = threading.Event()
-    generation = Generation(engine, engine.prepare(SAMPLE_CODE, greedy(8)), client_gone=gone.is_set)
+    deltas = engine.stream(engine.prepare(SAMPLE_CODE, greedy(8)), Watch(client_gone=gone.is_set))
     output = []
-    consumer = threading.Thread(target=lambda: output.extend(generation))
+    consumer = threading.Thread(target=lambda: output.extend(deltas))
     consumer.start()
     gone.set()
     consumer.join(5)
@@ -312,7 +312,7 @@ def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):
 
 def test_abandoned_prefill_keeps_its_blocks_for_the_next_prompt(engine):
     """The blocks an abandoned request fed are reused by the next keystroke's prompt, bit for bit."""
-    from app.engine.generate import CausalRunner
+    from app.engine.runners import CausalRunner
 
     ids = engine.tokenizer(SAMPLE_CODE * 3)["input_ids"][:200]
     runner = CausalRunner(engine.model, engine.device, PrefixCache(2**30), big_block=64, small_block=16)
@@ -358,6 +358,6 @@ def test_scheduler_fault_fails_the_work_and_keeps_serving(engine, monkeypatch):
 
     monkeypatch.setattr(engine.scheduler, "_admit", broken_admit)
     with pytest.raises(RuntimeError, match="bookkeeping bug"):
-        list(Generation(engine, engine.prepare(PROMPTS[0], greedy(4))))
+        list(engine.stream(engine.prepare(PROMPTS[0], greedy(4))))
     assert alone(engine, engine.prepare(PROMPTS[0], greedy(4)))[0].completion_tokens >= 1
     assert engine.scheduler.load == (0, 0)

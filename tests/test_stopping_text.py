@@ -7,7 +7,7 @@ import pytest
 
 from app.engine.params import Delta
 from app.engine.stopping import StopCondition, find_stop, held_back
-from app.engine.text import IncrementalDetokenizer, SequenceState
+from app.engine.sequence import IncrementalDetokenizer, SequenceState
 
 EOS = 0  # an end-of-sequence id for StopCondition on its own
 
@@ -60,19 +60,19 @@ def test_held_back(text, stops, held):
 def test_stop_condition_reasons():
     """eos ids and stop strings give "stop", max_tokens gives "length", anything else continues."""
     cond = StopCondition(frozenset({EOS, 7}), max_tokens=5, stops=("\n\n",))
-    assert cond(EOS, 1, "abc") == (True, "stop")
-    assert cond(7, 1, "abc") == (True, "stop")
-    assert cond(42, 2, "a\n\nb") == (True, "stop")
-    assert cond(42, 5, "abc") == (True, "length")
-    assert cond(42, 2, "abc\n") == (False, None)
+    assert cond(EOS, 1, "abc") == (True, "stop", None)
+    assert cond(7, 1, "abc") == (True, "stop", None)
+    assert cond(42, 2, "a\n\nb") == (True, "stop", 1)
+    assert cond(42, 5, "abc") == (True, "length", None)
+    assert cond(42, 2, "abc\n") == (False, None, None)
 
 
 def test_stop_condition_priorities_and_start():
     """A stop at the last allowed token is "stop"; stops before ``start`` are not searched."""
     cond = StopCondition(frozenset({EOS}), max_tokens=3, stops=("\n\n",))
-    assert cond(EOS, 3, "abc") == (True, "stop")
-    assert cond(42, 3, "a\n\n") == (True, "stop")
-    assert cond(42, 2, "a\n\nbc", start=3) == (False, None)
+    assert cond(EOS, 3, "abc") == (True, "stop", None)
+    assert cond(42, 3, "a\n\n") == (True, "stop", 1)
+    assert cond(42, 2, "a\n\nbc", start=3) == (False, None, None)
 
 
 # -- IncrementalDetokenizer -----------------------------------------------------
@@ -114,7 +114,8 @@ def test_detokenizer_flush_releases_incomplete_bytes(engine):
 def make_state(engine, stops=(), max_tokens=100, token_text=None, offset_base=0) -> SequenceState:
     """A SequenceState over the tiny tokenizer."""
     detok = IncrementalDetokenizer(engine.decode)
-    return SequenceState(0, detok, StopCondition(engine.eos_ids, max_tokens, tuple(stops)), token_text, offset_base)
+    stop = StopCondition(engine.preparer.eos_ids, max_tokens, tuple(stops))
+    return SequenceState(0, detok, stop, token_text, offset_base)
 
 
 def feed(state: SequenceState, ids) -> list[Delta]:
@@ -163,7 +164,7 @@ def test_stop_arriving_over_several_pushes(engine):
 def test_stop_inside_one_token_cuts_the_token(engine):
     """A stop inside a single token's text cuts that token's text too."""
     # a token like "\n\n" or "\n\n   " (blank lines are common in the training code)
-    blank = min((i for i in range(engine.vocab_size) if engine.decode([i]).startswith("\n\n")),
+    blank = min((i for i in range(engine.preparer.vocab_size) if engine.decode([i]).startswith("\n\n")),
                 key=lambda i: -len(engine.decode([i])))
     ids = ids_of(engine, "return n") + [blank] + ids_of(engine, "class")
     state = make_state(engine, stops=("\n\n",))
@@ -212,7 +213,7 @@ def test_max_tokens_flushes_partial_stop(engine):
 def test_eos_gives_stop_without_its_text(engine):
     """An eos id ends the sequence with "stop"; no eos text enters the output."""
     eos = engine.tokenizer.eos_token_id
-    assert eos in engine.eos_ids
+    assert eos in engine.preparer.eos_ids
     head = ids_of(engine, "x = 1")
     ids = head + [eos] + ids_of(engine, "y")
     state = make_state(engine)
@@ -230,10 +231,10 @@ def test_logprob_offsets_follow_token_text(engine):
     text = "x = 1\ny = 2"
     ids = ids_of(engine, text)
     base = 100
-    state = make_state(engine, max_tokens=len(ids), token_text=engine.token_text, offset_base=base)
+    state = make_state(engine, max_tokens=len(ids), token_text=engine.preparer.token_text, offset_base=base)
     deltas = feed(state, ids)
     entries = state.logprobs
-    assert [e.token for e in entries] == [engine.token_text(i) for i in ids]
+    assert [e.token for e in entries] == [engine.preparer.token_text(i) for i in ids]
     assert "".join(e.token for e in entries) == text
     position = 0
     for entry in entries:
@@ -241,7 +242,7 @@ def test_logprob_offsets_follow_token_text(engine):
         assert text[entry.offset - base:].startswith(entry.token)
         position += len(entry.token)
     assert [e for d in deltas for e in d.logprobs] == entries  # every entry is streamed once
-    assert entries[0].top == ((engine.token_text(ids[0]), -0.05),)
+    assert entries[0].top == ((engine.preparer.token_text(ids[0]), -0.05),)
     assert state.result().logprobs == entries
 
 
@@ -249,11 +250,11 @@ def test_logprob_entries_after_stop_cut_are_dropped(engine):
     """Tokens that start at or after a stop's cut lose their logprob entries."""
     text = "x = 1\ny = 2\nz"
     ids = ids_of(engine, text)
-    state = make_state(engine, stops=(" = 2",), token_text=engine.token_text, offset_base=10)
+    state = make_state(engine, stops=(" = 2",), token_text=engine.preparer.token_text, offset_base=10)
     deltas = feed(state, ids)
     assert state.text == "x = 1\ny"
     kept = [e.token for e in state.logprobs]
-    before_cut = [engine.token_text(i) for i in ids_of(engine, "x = 1\n", "y")]
+    before_cut = [engine.preparer.token_text(i) for i in ids_of(engine, "x = 1\n", "y")]
     assert kept == before_cut  # the stop's " =" and " 2" tokens are dropped
     assert all(e.offset - 10 < len(state.text) for e in state.logprobs)
     assert [e for d in deltas for e in d.logprobs] == state.logprobs
@@ -286,7 +287,7 @@ def test_dedent_stop_streams_what_it_returns(engine):
     from app.engine.stopping import DedentStop
 
     detok = IncrementalDetokenizer(engine.decode)
-    state = SequenceState(0, detok, StopCondition(engine.eos_ids, 200, (), DedentStop("")))
+    state = SequenceState(0, detok, StopCondition(engine.preparer.eos_ids, 200, (), DedentStop("")))
     deltas = feed(state, ids_of(engine, *re.findall(r"\s|\S+", FUNCTION_BODY)))  # many small tokens
     assert state.finish_reason == "stop"
     assert state.text == "    if n < 2:\n        return n\n\n    return f(n - 1)"

@@ -1,4 +1,4 @@
-"""Server-sent event streams: framing, equivalence with whole completions, usage, logprobs, faults, the gate."""
+"""Server-sent event streams: framing, equivalence with whole completions, usage, logprobs, faults, admission."""
 from __future__ import annotations
 
 import json
@@ -177,27 +177,27 @@ def test_stream_sampled_with_seed_reproducible(client):
     assert first == {c["index"]: c["text"] for c in ok(client, body)["choices"]}
 
 
-def test_stream_releases_gate(client, engines):
-    """A stream holds the worker's gate until the response is closed, then releases it."""
-    gate = engines["tiny"].gate
-    assert gate.count == 0
+def test_stream_releases_its_ticket(client, engines):
+    """A stream holds its admission ticket until the response is closed, then releases it."""
+    engine = engines["tiny"]
+    assert engine.stats().requests == 0
     response = post(client, {"prompt": PROMPT, "max_tokens": 3, "stream": True})
-    assert gate.count == 1
+    assert engine.stats().requests == 1
     response.get_data()
     response.close()
-    assert gate.count == 0
+    assert engine.stats().requests == 0
 
 
-def test_stream_closed_early_releases_gate(client, engines):
-    """A client that goes away mid-stream frees the gate and the model for the next request."""
-    gate = engines["tiny"].gate
+def test_stream_closed_early_releases_its_ticket(client, engines):
+    """A client that goes away mid-stream frees its ticket and the model for the next request."""
+    engine = engines["tiny"]
     response = post(client, {"prompt": PROMPT, "max_tokens": 50, "stream": True})
     first = next(iter(response.response))
     first = first.decode() if isinstance(first, bytes) else first
     assert first.startswith("data: {")
-    assert gate.count == 1
+    assert engine.stats().requests == 1
     response.close()
-    assert gate.count == 0
+    assert engine.stats().requests == 0
     assert ok(client, {"prompt": PROMPT, "max_tokens": 2})["usage"]["completion_tokens"] == 2
 
 
@@ -226,7 +226,7 @@ def test_stream_fault_mid_stream(client, engines, monkeypatch):
     assert content, "the fault should come after some streamed text"
     assert all(c["choices"][0]["finish_reason"] is None for c in content)
     assert expected.startswith(joined(content)[0])
-    assert engine.gate.count == 0
+    assert engine.stats().requests == 0
     monkeypatch.undo()
     assert greedy(client, max_tokens=8)["choices"][0]["text"] == expected
 

@@ -15,10 +15,10 @@ import torch
 
 import config
 from app import create_app
-from app.engine import Generation, SamplingParams, complete
+from app.engine import SamplingParams, complete
 from app.engine.engine import Engine
 from app.engine.loader import ModelLoadError, load_engine
-from config import ConfigError, FimTemplate, ModelConfig, Settings, settings_from_mapping
+from config import ConfigError, EngineOptions, FimTemplate, ModelConfig, Settings, settings_from_mapping
 
 from .tiny_models import MORE_CODE, SAMPLE_CODE
 from .tiny_zoo import (
@@ -76,7 +76,7 @@ def zoo_engines(zoo_entries, zoo_settings) -> dict[str, Engine]:
 def variant(engine: Engine, healing: bool = True, **changes) -> Engine:
     """The same loaded model and tokenizer under a changed config entry (and token healing on or off)."""
     return Engine(dataclasses.replace(engine.config, **changes), engine.model, engine.tokenizer, engine.device,
-                  token_healing=healing)
+                  EngineOptions(token_healing=healing))
 
 
 # -- model card layouts, built by hand --------------------------------------------
@@ -150,7 +150,7 @@ def test_each_entry_loads_its_families_real_architecture(zoo_engines):
     }
     for name, engine in zoo_engines.items():
         assert type(engine.model).__name__ == expected[ZOO_FAMILY[name]], name
-        assert engine.is_seq2seq == (engine.config.kind == "seq2seq")
+        assert engine.preparer.is_seq2seq == (engine.config.kind == "seq2seq")
         assert engine.supports_fim == (name in CARD_LAYOUTS)
         assert next(engine.model.parameters()).dtype == torch.float32
 
@@ -188,27 +188,27 @@ def test_fim_prompt_matches_the_model_card_token_by_token(zoo_engines, name):
     """prepare() with a suffix builds exactly the card's layout: special ids, prefix ids, suffix ids, BOS/EOS."""
     engine = zoo_engines[name]
     tok = engine.tokenizer
-    job = engine.prepare(PREFIX, greedy(8), suffix=SUFFIX)
+    request = engine.prepare(PREFIX, greedy(8), suffix=SUFFIX)
     expected = CARD_LAYOUTS[name](tok, plain(tok, PREFIX), plain(tok, SUFFIX))
-    assert job.used_fim is True
-    assert list(job.prompt_ids) == expected
+    assert request.used_fim is True
+    assert list(request.prompt_ids) == expected
     # The card's own way: the whole prompt string through the tokenizer, its usual specials included.
     card_text = engine.config.fim.template.replace("{prefix}", PREFIX).replace("{suffix}", SUFFIX)
-    assert list(job.prompt_ids) == tok(card_text)["input_ids"]
+    assert list(request.prompt_ids) == tok(card_text)["input_ids"]
 
 
 @pytest.mark.parametrize("name", ["codegen-2b-mono", "codet5p-2b"])
 def test_entries_without_fim_ignore_the_suffix(zoo_engines, name):
     """A model without a fim template completes the prefix alone: used_fim False, ids == tokenizer(prefix)."""
     engine = variant(zoo_engines[name], healing=False)
-    job = engine.prepare(PREFIX, greedy(8), suffix=SUFFIX)
-    assert job.used_fim is False and job.healing is None
-    assert list(job.prompt_ids) == engine.tokenizer(PREFIX)["input_ids"]
+    request = engine.prepare(PREFIX, greedy(8), suffix=SUFFIX)
+    assert request.used_fim is False and request.healing is None
+    assert list(request.prompt_ids) == engine.tokenizer(PREFIX)["input_ids"]
     # As served (token healing on), a causal prompt's last token is re-chosen; the suffix is still ignored.
     served = zoo_engines[name].prepare(PREFIX, greedy(8), suffix=SUFFIX)
     full = engine.tokenizer(PREFIX)["input_ids"]
     assert served.used_fim is False
-    if zoo_engines[name].is_seq2seq:
+    if zoo_engines[name].preparer.is_seq2seq:
         assert served.healing is None and list(served.prompt_ids) == full
     else:
         assert list(served.prompt_ids) == full[:-1]
@@ -237,9 +237,9 @@ def test_seq2seq_fim_entry_uses_its_template_even_without_a_suffix(zoo_engines):
     """CodeT5's sentinel marks the span to write, so a prompt alone still goes through the template."""
     engine = zoo_engines["codet5-base"]
     tok = engine.tokenizer
-    job = engine.prepare(PREFIX, greedy(8))
-    assert job.used_fim is True
-    assert list(job.prompt_ids) == _codet5(tok, plain(tok, PREFIX), [])
+    request = engine.prepare(PREFIX, greedy(8))
+    assert request.used_fim is True
+    assert list(request.prompt_ids) == _codet5(tok, plain(tok, PREFIX), [])
 
 
 # -- truncation ---------------------------------------------------------------------
@@ -264,9 +264,9 @@ def test_truncation_keeps_the_tokens_nearest_the_cursor(zoo_engines, name, suffi
     tok = engine.tokenizer
     prefix = SAMPLE_CODE * 3 + PREFIX
     max_tokens = 8
-    job = engine.prepare(prefix, greedy(max_tokens), suffix=suffix)
-    ids = list(job.prompt_ids)
-    budget = 64 if engine.is_seq2seq else 64 - max_tokens
+    request = engine.prepare(prefix, greedy(max_tokens), suffix=suffix)
+    ids = list(request.prompt_ids)
+    budget = 64 if engine.preparer.is_seq2seq else 64 - max_tokens
     head, tail = plain(tok, prefix), plain(tok, suffix)
     assert len(head) + len(tail) > budget  # truncation is really needed
     assert len(ids) == budget  # and the window is used to the last token
@@ -279,7 +279,7 @@ def test_truncation_keeps_the_tokens_nearest_the_cursor(zoo_engines, name, suffi
     else:
         assert 0 < keep_tail < len(tail)
     assert all(token in ids for token in CARD_LAYOUTS[name](tok, [], []))  # every template token is there
-    _, used_fim, truncation = engine.encode(prefix, suffix, budget)
+    _, used_fim, truncation = engine.preparer.encode(prefix, suffix, budget)
     assert used_fim and (truncation.prefix_tokens, truncation.suffix_tokens) == (len(head) - keep_head,
                                                                                len(tail) - keep_tail)
 
@@ -291,14 +291,14 @@ def test_every_configured_stop_is_kept_as_a_token_or_as_text(zoo_engines):
     """A stop that is a vocabulary token stops by id; one the vocabulary lacks is matched as text, never dropped."""
     for name, engine in zoo_engines.items():
         tok = engine.tokenizer
-        assert tok.eos_token_id in engine.eos_ids, name
+        assert tok.eos_token_id in engine.preparer.eos_ids, name
         for stop in engine.config.stop:
             token_id = tok.convert_tokens_to_ids(stop)
             known = token_id is not None and token_id != tok.unk_token_id and tok.convert_ids_to_tokens(token_id) == stop
             if known:
-                assert token_id in engine.eos_ids and stop not in engine.stop_strings, (name, stop)
+                assert token_id in engine.preparer.eos_ids and stop not in engine.preparer.stop_strings, (name, stop)
             else:
-                assert stop in engine.stop_strings, (name, stop)
+                assert stop in engine.preparer.stop_strings, (name, stop)
 
 
 STOP_TOKENS = [
@@ -320,13 +320,13 @@ def test_special_token_stop_ends_generation_by_id(zoo_engines, name, stop):
     """The entry's special-token stop is an eos id: forcing it ends with "stop" and none of its text."""
     engine = zoo_engines[name]
     token_id = special(engine.tokenizer, stop)[0]
-    assert stop in engine.config.stop and token_id in engine.eos_ids
+    assert stop in engine.config.stop and token_id in engine.preparer.eos_ids
     params = greedy(6, logit_bias=((token_id, 100.0),))
     result = complete(engine, PREFIX, suffix=SUFFIX, params=params)[0]
     assert (result.finish_reason, result.completion_tokens, result.text) == ("stop", 1, "")
     # Without the configured stop the same forced token is just another token: the run goes to its length.
     unstopped = variant(engine, stop=())
-    assert token_id not in unstopped.eos_ids
+    assert token_id not in unstopped.preparer.eos_ids
     other = complete(unstopped, PREFIX, suffix=SUFFIX, params=params)[0]
     assert (other.finish_reason, other.completion_tokens) == ("length", 6)
 
@@ -346,19 +346,18 @@ def test_non_special_stop_token_text_never_reaches_the_output(zoo_engines):
 
 
 def run(engine: Engine, prompt: str, suffix: str | None = None, params: SamplingParams = greedy(), n: int = 1):
-    """Run a completion; return the job, each sequence's generated ids, and the results."""
-    job = engine.prepare(prompt, params, suffix=suffix, n=n)
-    generation = Generation(engine, job)
-    for _ in generation:
+    """Run a completion; return the request, each sequence's generated ids, and the results."""
+    request = engine.prepare(prompt, params, suffix=suffix, n=n)
+    for _ in engine.stream(request):
         pass
-    return job, [seq.token_ids for seq in generation.sequences], generation.results()
+    return request, [seq.token_ids for seq in request.sequences], request.results()
 
 
 def reference_ids(engine: Engine, output: torch.Tensor, start: int) -> list[int]:
     """transformers' new tokens (from ``start``), up to and including the first eos id."""
     new = output[0, start:].tolist()
     for i, token in enumerate(new):
-        if token in engine.eos_ids:
+        if token in engine.preparer.eos_ids:
             return new[:i + 1]
     return new
 
@@ -368,26 +367,26 @@ def generate_causal(engine: Engine, prompt_ids, max_new_tokens: int = 12, first_
     ids = torch.tensor([list(prompt_ids)])
     constrain = None
     if first_allowed is not None:  # token healing: only these may come first
-        everything = list(range(engine.vocab_size))
+        everything = list(range(engine.preparer.vocab_size))
         constrain = lambda batch, seen: list(first_allowed) if seen.shape[-1] == ids.shape[1] else everything  # noqa: E731
     with torch.inference_mode():
         output = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                       do_sample=False, eos_token_id=sorted(engine.eos_ids),
-                                       pad_token_id=min(engine.eos_ids), prefix_allowed_tokens_fn=constrain)
+                                       do_sample=False, eos_token_id=sorted(engine.preparer.eos_ids),
+                                       pad_token_id=min(engine.preparer.eos_ids), prefix_allowed_tokens_fn=constrain)
     return reference_ids(engine, output, ids.shape[1])
 
 
 def expected_text(engine: Engine, ids: list[int]) -> str:
     """Text of generated ids without a final eos, cut at a configured text stop."""
-    text = engine.decode(ids[:-1] if ids and ids[-1] in engine.eos_ids else ids)
-    for stop in engine.stop_strings:
+    text = engine.decode(ids[:-1] if ids and ids[-1] in engine.preparer.eos_ids else ids)
+    for stop in engine.preparer.stop_strings:
         text = text.split(stop)[0]
     return text
 
 
 def finish_reason(engine: Engine, ids: list[int], max_tokens: int = 12) -> str:
     """The finish reason generate()'s ids imply."""
-    return "stop" if ids[-1] in engine.eos_ids or len(ids) < max_tokens else "length"
+    return "stop" if ids[-1] in engine.preparer.eos_ids or len(ids) < max_tokens else "length"
 
 
 @pytest.mark.parametrize("name", CAUSAL_ENTRIES)
@@ -396,9 +395,9 @@ def test_causal_greedy_matches_transformers_generate(zoo_engines, name, with_suf
     """Greedy ids, text and finish reason from our decode loop equal model.generate(do_sample=False)'s."""
     engine = variant(zoo_engines[name], healing=False)
     suffix = SUFFIX if with_suffix else None
-    job, (ours,), (result,) = run(engine, PROMPT, suffix)
-    assert job.used_fim == (with_suffix and engine.supports_fim)
-    expected = generate_causal(engine, job.prompt_ids)
+    request, (ours,), (result,) = run(engine, PROMPT, suffix)
+    assert request.used_fim == (with_suffix and engine.supports_fim)
+    expected = generate_causal(engine, request.prompt_ids)
     assert ours == expected
     assert result.text == expected_text(engine, expected)
     assert result.finish_reason == finish_reason(engine, expected)
@@ -409,15 +408,15 @@ def test_causal_token_healing_matches_constrained_generate(zoo_engines, name):
     """As served (healing on), the output is generate() on the healed prompt with the first token constrained."""
     engine = zoo_engines[name]
     prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fib"
-    job, (ours,), (result,) = run(engine, prompt)
+    request, (ours,), (result,) = run(engine, prompt)
     full = engine.tokenizer(prompt)["input_ids"]
-    assert job.healing is not None and list(job.prompt_ids) == full[:-1]
-    assert full[-1] in job.healing.allowed and len(job.healing.allowed) > 1
-    expected = generate_causal(engine, job.prompt_ids, first_allowed=job.healing.allowed)
-    assert ours == expected and ours[0] in job.healing.allowed
+    assert request.healing is not None and list(request.prompt_ids) == full[:-1]
+    assert full[-1] in request.healing.allowed and len(request.healing.allowed) > 1
+    expected = generate_causal(engine, request.prompt_ids, first_allowed=request.healing.allowed)
+    assert ours == expected and ours[0] in request.healing.allowed
     text = expected_text(engine, expected)
-    assert text.startswith(job.healing.text)
-    assert result.text == text[len(job.healing.text):]
+    assert text.startswith(request.healing.text)
+    assert result.text == text[len(request.healing.text):]
 
 
 @pytest.mark.parametrize("name", CAUSAL_ENTRIES)
@@ -425,11 +424,11 @@ def test_causal_reused_prefix_matches_generate(zoo_engines, name):
     """A long prompt run cold, then again with its cached prefix reused, gives generate()'s tokens both times."""
     engine = variant(zoo_engines[name], healing=False)
     prompt = SAMPLE_CODE + PROMPT
-    job, (cold,), _ = run(engine, prompt)
-    assert engine.last_reused == 0 and len(job.prompt_ids) > 64
-    _, (warm,), _ = run(engine, prompt)
-    assert engine.last_reused > 0
-    assert cold == warm == generate_causal(engine, job.prompt_ids)
+    request, (cold,), _ = run(engine, prompt)
+    assert request.reused == 0 and len(request.prompt_ids) > 64
+    again, (warm,), _ = run(engine, prompt)
+    assert again.reused > 0
+    assert cold == warm == generate_causal(engine, request.prompt_ids)
 
 
 def test_causal_output_is_varied(zoo_engines):
@@ -444,16 +443,16 @@ def test_causal_output_is_varied(zoo_engines):
 def test_seq2seq_span_matches_transformers_generate(zoo_engines, name, prefix, suffix):
     """The encoder-decoder path writes the tokens generate() writes from the template ids, sentinels stripped."""
     engine = zoo_engines[name]
-    job, (ours,), (result,) = run(engine, prefix, suffix)
-    ids = torch.tensor([job.prompt_ids])
+    request, (ours,), (result,) = run(engine, prefix, suffix)
+    ids = torch.tensor([request.prompt_ids])
     with torch.inference_mode():
         output = engine.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False,
-                                       eos_token_id=sorted(engine.eos_ids))
+                                       eos_token_id=sorted(engine.preparer.eos_ids))
     start = engine.model.config.decoder_start_token_id
     assert output[0, 0].item() == start
     expected = reference_ids(engine, output, 1)
     assert ours == expected
-    span = expected[:-1] if expected[-1] in engine.eos_ids else expected  # cut at <extra_id_1> (or </s>)
+    span = expected[:-1] if expected[-1] in engine.preparer.eos_ids else expected  # cut at <extra_id_1> (or </s>)
     assert result.text == engine.tokenizer.decode(span, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert not any(f"<extra_id_{i}>" in result.text for i in range(10))
 
@@ -461,27 +460,28 @@ def test_seq2seq_span_matches_transformers_generate(zoo_engines, name, prefix, s
 def test_codet5p_decoder_is_fed_the_prompt(zoo_engines):
     """codet5p-2b (decoder_prompt) continues the prompt in the decoder, as generate(decoder_input_ids=ids) does."""
     engine = zoo_engines["codet5p-2b"]
-    job, (ours,), (result,) = run(engine, PROMPT)
-    ids = torch.tensor([job.prompt_ids])
+    request, (ours,), (result,) = run(engine, PROMPT)
+    ids = torch.tensor([request.prompt_ids])
     start = engine.model.config.decoder_start_token_id
-    assert job.prompt_ids[0] != start
+    assert request.prompt_ids[0] != start
     with torch.inference_mode():
         fed = engine.model.generate(input_ids=ids, decoder_input_ids=ids, max_new_tokens=12, do_sample=False,
-                                    eos_token_id=sorted(engine.eos_ids))
+                                    eos_token_id=sorted(engine.preparer.eos_ids))
         unfed = engine.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False,
-                                      eos_token_id=sorted(engine.eos_ids))
+                                      eos_token_id=sorted(engine.preparer.eos_ids))
     # generate() puts the decoder start token before the prompt; the continuation follows the prompt.
-    assert fed[0, :1 + ids.shape[1]].tolist() == [start, *job.prompt_ids]
+    assert fed[0, :1 + ids.shape[1]].tolist() == [start, *request.prompt_ids]
     expected = reference_ids(engine, fed, 1 + ids.shape[1])
     assert ours == expected
     assert ours != reference_ids(engine, unfed, 1)
     assert result.text == expected_text(engine, expected)
     # The first step's logits are the model's after [start] + prompt in the decoder.
     with torch.inference_mode():
-        prefill = engine.runner.start(job.prompt_ids)
+        prefill = engine.runner.start(request.prompt_ids)
         prefill.step()
         logits = prefill.logits
-        direct = engine.model(input_ids=ids, decoder_input_ids=torch.tensor([[start, *job.prompt_ids]])).logits[:, -1]
+        decoder_ids = torch.tensor([[start, *request.prompt_ids]])
+        direct = engine.model(input_ids=ids, decoder_input_ids=decoder_ids).logits[:, -1]
     assert torch.allclose(logits, direct, atol=1e-5)
 
 
@@ -505,9 +505,9 @@ def test_seq2seq_sampling_with_n_seed_and_best_of(zoo_engines, name):
     assert [r.index for r in first] == [0, 1]
     assert [(r.text, r.completion_tokens) for r in first] == [(r.text, r.completion_tokens) for r in again]
     assert all(r.finish_reason in ("stop", "length") and 1 <= r.completion_tokens <= 10 for r in first)
-    job = engine.prepare(PREFIX, dataclasses.replace(params, seed=99), suffix=SUFFIX, n=2)
-    all_four = engine.complete(dataclasses.replace(job, n=4))
-    best = engine.complete(job, best_of=4)
+    seeded = dataclasses.replace(params, seed=99)
+    all_four = engine.complete(engine.prepare(PREFIX, seeded, suffix=SUFFIX, n=4))
+    best = engine.complete(engine.prepare(PREFIX, seeded, suffix=SUFFIX, n=2, best_of=4))
     assert [r.index for r in best] == [0, 1]
     ranked = sorted(all_four, key=lambda r: r.mean_logprob, reverse=True)[:2]
     assert [(r.text, r.completion_tokens) for r in best] == [(r.text, r.completion_tokens) for r in ranked]
@@ -644,9 +644,9 @@ def test_copilot_body_with_suffix_on_fim_and_plain_models(zoo_client, zoo_engine
     text = "".join(c["choices"][0]["text"] for c in chunks)
     engine = zoo_engines[served]
     params = greedy(12, stop=tuple(COPILOT_STYLE["stop"]))
-    job = engine.prepare(COPILOT_STYLE["prompt"], params, suffix=SUFFIX)
-    assert job.used_fim is fim
-    assert text == engine.complete(job)[0].text
+    request = engine.prepare(COPILOT_STYLE["prompt"], params, suffix=SUFFIX)
+    assert request.used_fim is fim
+    assert text == engine.complete(request)[0].text
 
 
 def test_seq2seq_n_and_best_of_over_http(zoo_client, zoo_engines):
@@ -660,6 +660,6 @@ def test_seq2seq_n_and_best_of_over_http(zoo_client, zoo_engines):
     assert data["model"] == "codet5p-770m"
     assert [c["index"] for c in data["choices"]] == [0, 1]
     assert data["choices"] == again.get_json()["choices"]
-    job = zoo_engines["codet5p-770m"].prepare(PREFIX, SamplingParams(max_tokens=8, seed=5), suffix=SUFFIX)
-    assert data["usage"]["prompt_tokens"] == len(job.prompt_ids)
+    request = zoo_engines["codet5p-770m"].prepare(PREFIX, SamplingParams(max_tokens=8, seed=5), suffix=SUFFIX)
+    assert data["usage"]["prompt_tokens"] == len(request.prompt_ids)
     assert 0 < data["usage"]["completion_tokens"] <= 3 * 8

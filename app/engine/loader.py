@@ -188,32 +188,16 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
     return model, tokenizer
 
 
-def cpu_threads(settings: Settings, cores: int | None = None) -> tuple[int, int]:
-    """Intra-op threads for (prefill, decode) on a CPU.
-
-    Prefill is compute-bound and uses the worker's share of the cores. Decoding one
-    token is bound by memory and barely gains from the last core, while an OpenMP
-    team that owns every core stalls whenever anything else runs (the HTTP thread,
-    an editor on the same machine): with 2 cores, streaming over HTTP measured 47
-    tok/s with 2 decode threads and 83 tok/s with 1.
-    """
-    share = max(1, (cores or os.cpu_count() or 1) // max(settings.workers, 1))
-    prefill = settings.torch_threads or share
-    return prefill, settings.decode_threads or max(1, prefill - 1)
-
-
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     """Build a ready :class:`~app.engine.engine.Engine` for one config entry."""
     from .engine import Engine
     from .prompts import TemplateError
+    from .threads import ThreadPlan
 
     device = pick_device(settings.device, slot)
     model, tokenizer = load_pretrained(config, settings.cache_dir, device, resolve_dtype(config.dtype, device))
+    threads = ThreadPlan.for_cpu(settings.engine, settings.workers) if device.type == "cpu" else ThreadPlan()
     try:
-        threads = cpu_threads(settings) if device.type == "cpu" else None
-        return Engine(config, model, tokenizer, device, reuse_prefix=settings.prefix_cache, threads=threads,
-                      token_healing=settings.token_healing, truncate_prompts=settings.truncate_prompts,
-                      debug=settings.debug, max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                      prefix_cache_bytes=settings.prefix_cache_mb * 2**20)
+        return Engine(config, model, tokenizer, device, settings.engine, threads)
     except TemplateError as exc:
         raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How to pick and when to stop tokens; neutral defaults add no work to the decode loop."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: the model's default (resolved when the request is prepared)
     temperature: float = 1.0
     top_p: float = 1.0
     presence_penalty: float = 0.0
@@ -40,7 +40,7 @@ class Delta:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequenceResult:
     """A whole generated sequence, as returned by non-streaming completion."""
 

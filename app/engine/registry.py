@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 from config import ModelConfig, Settings
 
-from ..errors import ModelNotFoundError, ModelUnavailableError
+from .errors import ModelUnavailable, UnknownModel
 from .engine import Engine
 from .loader import ModelLoadError, load_engine
 
@@ -62,8 +62,7 @@ class EngineRegistry:
         config = self.configs.get(name or self.default_name)
         if config is None:
             served = ", ".join(n for m in self.models for n in m.names)
-            raise ModelNotFoundError(f"The model {name!r} does not exist. This server serves: {served}",
-                                     param="model")
+            raise UnknownModel(f"The model {name!r} does not exist. This server serves: {served}", param="model")
         with self._lock:
             engine = self._engines.get(config.name)
             if engine is None:
@@ -71,6 +70,6 @@ class EngineRegistry:
                     engine = self.loader(config, self.settings, self.slot)
                 except ModelLoadError as exc:
                     log.error("%s", exc)
-                    raise ModelUnavailableError(f"model {config.name!r} could not be loaded; see the server log") from exc
+                    raise ModelUnavailable(f"model {config.name!r} could not be loaded; see the server log") from exc
                 self._engines[config.name] = engine
         return engine

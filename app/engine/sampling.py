@@ -76,13 +76,19 @@ def build_processors(params: SamplingParams, vocab_size: int, device: torch.devi
 
 
 @dataclass
-class Choice:
-    """The tokens picked for each live sequence and what logprobs reporting needs."""
+class Picks:
+    """The token picked for each row and what logprobs reporting needs."""
 
     token_ids: torch.Tensor  # [batch]
     logprobs: torch.Tensor  # [batch], under the model's own distribution
     top_ids: torch.Tensor | None = None  # [batch, k]
     top_logprobs: torch.Tensor | None = None  # [batch, k]
+
+    def top_pairs(self) -> list[tuple[tuple[int, float], ...]]:
+        """Per row, the (token id, logprob) alternatives; empty when none were asked for."""
+        if self.top_ids is None:
+            return []
+        return [tuple(zip(ids, lps)) for ids, lps in zip(self.top_ids.tolist(), self.top_logprobs.tolist())]
 
 
 class TokenChooser:
@@ -108,7 +114,7 @@ class TokenChooser:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor) -> Choice:
+    def __call__(self, logits: torch.Tensor) -> Picks:
         """Pick one token per row of ``logits`` [batch, vocab]."""
         logits = logits.float()
         scores = logits
@@ -126,10 +132,10 @@ class TokenChooser:
         if self.counts is not None:
             self.counts.scatter_add_(1, token_ids[:, None], torch.ones_like(token_ids[:, None], dtype=self.counts.dtype))
         logprobs = logits.log_softmax(dim=-1)
-        choice = Choice(token_ids, logprobs.gather(1, token_ids[:, None]).squeeze(-1))
+        picks = Picks(token_ids, logprobs.gather(1, token_ids[:, None]).squeeze(-1))
         if self.top_k:
-            choice.top_logprobs, choice.top_ids = logprobs.topk(self.top_k, dim=-1)
-        return choice
+            picks.top_logprobs, picks.top_ids = logprobs.topk(self.top_k, dim=-1)
+        return picks
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Forget the state of sequences that finished (rows are the survivors)."""

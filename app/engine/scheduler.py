@@ -1,99 +1,109 @@
-"""Continuous batching: one thread per model owns it and advances every running sequence together.
+"""Continuous batching: one thread per model owns it, admits requests and advances them all together.
 
-Request threads :meth:`Scheduler.submit` a :class:`Work` and read its deltas from
-``work.out``. Between decode steps the scheduler admits waiting work, feeds one
-prompt block of a newcomer (so a long prompt stalls the others for one block, not
-for its whole prefill), drops work whose client went away, and runs one batched
-forward for all running sequences.
+Request threads :meth:`Scheduler.submit` a :class:`~app.engine.request.Request` and read
+its deltas from it. Each iteration reads: schedule (take new requests, drop cancelled
+ones, admit the next waiting prompt) → run (one prompt block of the newcomer, then one
+batched decode step) → postprocess (each request pushes its picked tokens into its
+sequences; finished rows leave the batch). A long prompt thus stalls the others for one
+block, not for its whole prefill.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
-from .params import Delta
-from .sampling import Choice, TokenChooser
-from .text import SequenceState
+from .request import Request
+from .threads import ThreadPlan
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DONE = object()  # put on ``work.out`` after the last deltas
 
 
-class Work:
-    """One job inside the scheduler: its sequences, its token chooser, and the queue of its deltas."""
+class RowTable:
+    """The decode batch's rows: each running request owns a run of consecutive rows, one per live sequence."""
 
-    def __init__(self, request_id: str, prompt_ids: Sequence[int], sequences: list[SequenceState],
-                 chooser: TokenChooser):
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.sequences = sequences
-        self.chooser = chooser
-        self.out: queue.SimpleQueue = queue.SimpleQueue()  # lists of deltas, then DONE or an exception
-        self.alive: list[int] = []  # indexes of sequences in the batch, in row order
-        self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-        self.started = self.first_token = self.finished = None
-        self.reused = 0
+    def __init__(self) -> None:
+        self.requests: list[Request] = []  # in row order
+        self.sizes: list[int] = []  # rows of each request
 
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this work at its next step (the client went away)."""
-        self.cancelled.set()
+    def __len__(self) -> int:
+        return sum(self.sizes)
 
+    def add(self, request: Request, rows: int) -> None:
+        """Rows for a request, after the existing ones (as the runner's batch appends them)."""
+        self.requests.append(request)
+        self.sizes.append(rows)
 
-def step_sequences(choice: Choice, live: list[SequenceState]) -> tuple[list[Delta], list[int]]:
-    """Push each chosen token into its sequence; return the deltas and the rows still running."""
-    token_ids = choice.token_ids.tolist()
-    logprobs = choice.logprobs.tolist()
-    tops = [()] * len(live)
-    if choice.top_ids is not None:
-        tops = [tuple(zip(i, lp)) for i, lp in zip(choice.top_ids.tolist(), choice.top_logprobs.tolist())]
-    deltas, keep = [], []
-    for row, seq in enumerate(live):
-        delta = seq.push(token_ids[row], logprobs[row], tops[row])
-        if delta is not None:
-            deltas.append(delta)
-        if not seq.finished:
-            keep.append(row)
-    return deltas, keep
+    def slices(self):
+        """(request, its rows as a slice of the batch), in row order."""
+        start = 0
+        for request, size in zip(self.requests, self.sizes):
+            yield request, slice(start, start + size)
+            start += size
+
+    def next_tokens(self) -> list[int]:
+        """The token each row feeds next."""
+        return [token for request in self.requests for token in request.next_tokens]
+
+    def retain(self, kept: list[list[int]]) -> tuple[list[int], list[Request]]:
+        """Keep, for each request in row order, the rows ``kept`` names (indexes into its own rows).
+
+        Returns the surviving rows as indexes into the batch, and the requests left with none.
+        """
+        rows, requests, sizes, gone, start = [], [], [], [], 0
+        for request, size, own in zip(self.requests, self.sizes, kept):
+            rows.extend(start + row for row in own)
+            if own:
+                requests.append(request)
+                sizes.append(len(own))
+            else:
+                gone.append(request)
+            start += size
+        self.requests, self.sizes = requests, sizes
+        return rows, gone
+
+    def without_cancelled(self) -> list[list[int]]:
+        """The ``kept`` rows that drop every cancelled request and keep the rest whole."""
+        return [[] if r.cancelled.is_set() else list(range(size)) for r, size in zip(self.requests, self.sizes)]
+
+    def clear(self) -> list[Request]:
+        """Drop every row; return their requests."""
+        requests, self.requests, self.sizes = self.requests, [], []
+        return requests
 
 
 class Scheduler:
-    """Owns a runner's model in one thread; decodes the sequences of all admitted work in one batch."""
+    """Owns a runner's model in one thread; decides who runs and advances every running request together."""
 
-    def __init__(self, runner, max_rows: int = 8, threads: tuple[int, int] | None = None, name: str = "model"):
+    def __init__(self, runner, max_rows: int = 8, threads: ThreadPlan | None = None, name: str = "model"):
         self.runner = runner
         self.max_rows = max_rows
-        self.threads = threads  # CPU threads for (prefill, decode); None leaves torch's setting
+        self.threads = threads or ThreadPlan()
         self.name = name
+        self.rows = RowTable()
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache, over all requests
         self._cv = threading.Condition()
-        self._inbox: collections.deque = collections.deque()  # Work, or (callable, future)
-        self._waiting: collections.deque[Work] = collections.deque()
-        self._prefilling: tuple[Work, object] | None = None
-        self._running: list[Work] = []  # in batch row order
-        self._tokens: list[int] = []  # the next token to feed, per batch row
+        self._inbox: collections.deque = collections.deque()  # Request, or (callable, future)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: tuple[Request, object] | None = None
         self._thread: threading.Thread | None = None
-        # With cores to spare beyond the decode threads, a newcomer's prompt blocks run on
-        # a helper thread while decode steps go on (on 2 cores a 256-token block no longer
-        # stops 8 running sequences for 150 ms: they slow from 26 to 30 ms per step instead).
-        self._beside = max(0, threads[0] - threads[1]) if threads else 0
         self._helper = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{name}")
-                        if self._beside else None)
+                        if self.threads.beside else None)
         self._block: concurrent.futures.Future | None = None  # a prompt block running on the helper
 
     # -- the request threads' side --------------------------------------------
 
-    def submit(self, work: Work) -> None:
-        """Queue work; its deltas arrive on ``work.out``."""
-        self._post(work)
+    def submit(self, request: Request) -> None:
+        """Queue a request; its deltas arrive through the request itself."""
+        request.timings.submitted = time.perf_counter()
+        self._post(request)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the scheduler's thread between steps (for other uses of the model) and return its result."""
@@ -103,8 +113,8 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(sequences decoding, jobs waiting or prefilling): a snapshot for logs and metrics."""
-        return len(self._tokens), len(self._waiting) + len(self._inbox) + (self._prefilling is not None)
+        """(sequences decoding, requests waiting or prefilling): a snapshot for logs and stats."""
+        return len(self.rows), len(self._waiting) + len(self._inbox) + (self._prefilling is not None)
 
     def _post(self, item) -> None:
         with self._cv:
@@ -114,7 +124,7 @@ class Scheduler:
                 self._thread.start()
             self._cv.notify()
 
-    # -- the scheduler thread ----------------------------------------------------
+    # -- the scheduler thread: schedule, run, postprocess ---------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -131,186 +141,137 @@ class Scheduler:
         self._admit()
         if self._prefilling is not None:
             self._prefill_step()
-        if self._running:
+        if self.rows.requests:
             self._decode_step()
 
-    def _fail_all(self, exc: Exception) -> None:
-        works = [*self._running, *self._waiting, *([self._prefilling[0]] if self._prefilling else [])]
-        self._running, self._tokens, self._waiting, self._prefilling = [], [], collections.deque(), None
-        if self._block is not None:
-            self._block.cancel()
-            self._block = None
-        self.runner.batch.reset()
-        self._fail(works, exc)
-
-    def _busy(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
-
     def _collect(self) -> None:
-        """Take new work and calls from the inbox; sleep while there is nothing at all to do."""
+        """Take new requests and calls from the inbox; sleep while there is nothing at all to do."""
         with self._cv:
-            while not self._inbox and not self._busy():
+            while not self._inbox and not (self._waiting or self._prefilling or self.rows.requests):
                 self._cv.wait()
             items = list(self._inbox)
             self._inbox.clear()
         for item in items:
-            if isinstance(item, Work):
+            if isinstance(item, Request):
                 self._waiting.append(item)
-            else:
+            elif item[1].set_running_or_notify_cancel():
                 fn, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        self._set_threads(0)
-                        future.set_result(fn())
-                    except Exception as exc:  # handed to the caller's thread
-                        future.set_exception(exc)
+                try:
+                    self.threads.other_work()
+                    future.set_result(fn())
+                except Exception as exc:  # handed to the caller's thread
+                    future.set_exception(exc)
 
     def _drop_cancelled(self) -> None:
-        for work in [w for w in self._waiting if w.cancelled.is_set()]:
-            self._waiting.remove(work)
-            self._finish(work)
+        """Requests whose client went away leave the queue, the prefill (its blocks kept) and the batch."""
+        for request in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(request)
+            request.finish()
         if self._prefilling and self._prefilling[0].cancelled.is_set() and self._block is None:
-            work, prefill = self._prefilling
-            self._prefilling = None
+            (request, prefill), self._prefilling = self._prefilling, None
             prefill.abandon()
-            self._finish(work)
-        if not any(w.cancelled.is_set() for w in self._running):
-            return
-        rows, tokens, running, offset = [], [], [], 0
-        for work in self._running:
-            size = len(work.alive)
-            if work.cancelled.is_set():
-                self._finish(work)
-            else:
-                rows.extend(range(offset, offset + size))
-                tokens.extend(self._tokens[offset:offset + size])
-                running.append(work)
-            offset += size
-        self._shrink(rows, tokens, running)
+            request.finish()
+        if any(request.cancelled.is_set() for request in self.rows.requests):
+            self._retain(self.rows.without_cancelled())
 
     def _admit(self) -> None:
         """Start the next waiting prompt when its sequences fit in the batch."""
         if self._prefilling is not None or not self._waiting:
             return
-        work = self._waiting[0]
-        rows = len(self._tokens)
-        fits = rows == 0 or (rows + len(work.sequences) <= self.max_rows and self.runner.batch.can_join())
-        if fits:
-            self._waiting.popleft()
-            work.started = time.perf_counter()
-            try:
-                prefill = self.runner.start(work.prompt_ids)
-            except Exception as exc:
-                self._fail([work], exc)
-                return
-            work.reused = prefill.reused
-            self._prefilling = (work, prefill)
+        request, rows = self._waiting[0], len(self.rows)
+        if rows and (rows + len(request.sequences) > self.max_rows or not self.runner.batch.can_join()):
+            return
+        self._waiting.popleft()
+        request.timings.started = time.perf_counter()
+        try:
+            prefill = self.runner.start(request.prompt_ids)
+        except Exception as exc:
+            self._fail([request], exc)
+            return
+        request.reused = prefill.reused
+        self.reused_tokens += prefill.reused
+        self._prefilling = (request, prefill)
 
     def _prefill_step(self) -> None:
         """Feed the newcomer's next prompt block; once its prompt is all in, start decoding it."""
-        work, prefill = self._prefilling
+        request, prefill = self._prefilling
         try:
             done = self._feed_block(prefill)
         except Exception as exc:
             self._prefilling, self._block = None, None
-            self._fail([work], exc)
+            self._fail([request], exc)
             return
         if done:
             self._prefilling = None
-            self._start_decoding(work, prefill)
+            self._start_decoding(request, prefill)
 
     def _feed_block(self, prefill) -> bool:
         """Feed one block, beside the decode steps when cores are spare; return whether the prompt is in."""
         if self._block is not None:
-            if self._running and not self._block.done():
+            if self.rows.requests and not self._block.done():
                 return False  # decode meanwhile
             done, self._block = self._block.result(), None
             return done
-        if self._running and self._helper is not None:
+        if self.rows.requests and self._helper is not None:
             self._block = self._helper.submit(self._step_beside, prefill)
             return False
-        # Two threads pay off for big blocks only (measured on 2 cores: a 256-token block 150 ms
-        # with 2 threads, 195 ms with 1; a 32-token block 33 ms with 2, 26 ms with 1).
-        self._set_threads(0 if prefill.next_block_size >= 128 else 1)
+        self.threads.prompt_block(prefill.next_block_size)
         return prefill.step()
 
-    def _start_decoding(self, work: Work, prefill) -> None:
-        """Choose the newcomer's first tokens from its prompt's logits; its live sequences join the batch."""
-        try:
-            choice = work.chooser(prefill.logits.expand(len(work.sequences), -1))
-            work.first_token = time.perf_counter()
-            deltas, keep = step_sequences(choice, work.sequences)
-            if deltas:
-                work.out.put(deltas)
-            if not keep:
-                self._finish(work)
-                return
-            if len(keep) < len(work.sequences):
-                work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
-            work.alive = keep
-            self.runner.batch.join(prefill, len(keep))
-        except Exception as exc:
-            self._fail([work], exc)
-            return
-        self._running.append(work)
-        self._tokens.extend(choice.token_ids[keep].tolist())
-
     def _step_beside(self, prefill) -> bool:
-        """One prompt block on the helper thread, with the cores the decode steps leave free."""
+        """One prompt block on the helper thread."""
         with torch.inference_mode():
-            if torch.get_num_threads() != self._beside:
-                torch.set_num_threads(self._beside)
+            self.threads.beside_block()
             return prefill.step()
 
-    def _decode_step(self) -> None:
-        """One forward for every running sequence; each work's chooser picks its own rows' tokens."""
+    def _start_decoding(self, request: Request, prefill) -> None:
+        """Pick the newcomer's first tokens from its prompt's logits; its live sequences join the batch."""
         try:
-            # One thread decodes fastest at every batch size here (2 cores: batch 1 11 vs 26 ms per step,
-            # batch 8 16 vs 23 ms): a step is hundreds of small ops, and a second thread mostly waits.
-            self._set_threads(1)
-            logits = self.runner.batch.decode(torch.tensor(self._tokens, device=self.runner.device))
-            rows, tokens, running, finished, offset = [], [], [], [], 0
-            for work in self._running:
-                size = len(work.alive)
-                choice = work.chooser(logits[offset:offset + size])
-                deltas, keep = step_sequences(choice, [work.sequences[i] for i in work.alive])
-                if deltas:
-                    work.out.put(deltas)
-                if keep:
-                    if len(keep) < size:
-                        work.chooser.keep_rows(torch.tensor(keep, device=self.runner.device))
-                        work.alive = [work.alive[k] for k in keep]
-                    rows.extend(offset + k for k in keep)
-                    tokens.extend(choice.token_ids[keep].tolist())
-                    running.append(work)
-                else:
-                    finished.append(work)
-                offset += size
-            self._shrink(rows, tokens, running)
+            keep = request.start(request.chooser(prefill.logits.expand(len(request.sequences), -1)))
+            if keep:
+                self.runner.batch.join(prefill, len(keep))
         except Exception as exc:
-            running, self._running, self._tokens = self._running, [], []
-            self.runner.batch.reset()
-            self._fail(running, exc)
+            self._fail([request], exc)
             return
-        for work in finished:
-            self._finish(work)
+        if keep:
+            self.rows.add(request, len(keep))
+        else:
+            request.finish()
 
-    def _shrink(self, rows: list[int], tokens: list[int], running: list[Work]) -> None:
-        """Keep only the given batch rows, with their next tokens and their work."""
-        if len(rows) < len(self._tokens):
+    def _decode_step(self) -> None:
+        """One forward for every row; each request's chooser picks its own rows' tokens."""
+        try:
+            self.threads.decode_step()
+            tokens = torch.tensor(self.rows.next_tokens(), device=self.runner.device)
+            logits = self.runner.batch.decode(tokens)
+            kept = [request.advance(request.chooser(logits[rows])) for request, rows in self.rows.slices()]
+        except Exception as exc:
+            self.runner.batch.reset()
+            self._fail(self.rows.clear(), exc)
+            return
+        self._retain(kept)
+
+    def _retain(self, kept: list[list[int]]) -> None:
+        """Keep the given rows of each request in the batch; requests left with none are finished."""
+        total = len(self.rows)
+        rows, gone = self.rows.retain(kept)
+        if len(rows) < total:
             self.runner.batch.keep(rows)
-        self._running, self._tokens = running, tokens
+        for request in gone:
+            request.finish()
 
-    def _finish(self, work: Work) -> None:
-        work.finished = time.perf_counter()
-        work.out.put(DONE)
+    # -- failures ----------------------------------------------------------------------
 
-    def _fail(self, works: list[Work], exc: Exception) -> None:
-        log.error("%s: generation failed for %s: %r", self.name, ", ".join(w.request_id for w in works), exc)
-        for work in works:
-            work.finished = time.perf_counter()
-            work.out.put(exc)
+    def _fail_all(self, exc: Exception) -> None:
+        requests = [*self.rows.clear(), *self._waiting, *([self._prefilling[0]] if self._prefilling else [])]
+        self._waiting, self._prefilling = collections.deque(), None
+        if self._block is not None:
+            self._block.cancel()
+            self._block = None
+        self.runner.batch.reset()
+        self._fail(requests, exc)
 
-    def _set_threads(self, phase: int) -> None:
-        if self.threads and torch.get_num_threads() != self.threads[phase]:
-            torch.set_num_threads(self.threads[phase])
+    def _fail(self, requests: list[Request], exc: Exception) -> None:
+        log.error("%s: generation failed for %s: %r", self.name, ", ".join(r.id for r in requests), exc)
+        for request in requests:
+            request.fail(exc)

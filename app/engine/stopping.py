@@ -1,6 +1,8 @@
 """When a sequence stops, and how much of its text is safe to send before it does."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     """Index of the earliest stop string in ``text[start:]`` (as an index into ``text``), or None."""
@@ -69,11 +71,22 @@ class DedentStop:
         return tail if "\n" in text[len(text) - tail:] else 0
 
 
-class StopCondition:
-    """Decides after each token whether a sequence is done: ``(done, reason)``.
+class StopDecision(NamedTuple):
+    """After one token: whether the sequence is done, why (``"stop"`` or ``"length"``), and where its text ends."""
 
-    ``reason`` is ``"stop"`` for an end-of-sequence token or a stop string and
-    ``"length"`` when ``max_tokens`` tokens have been generated.
+    done: bool
+    reason: str | None = None
+    cut: int | None = None  # the text's end when a stop string or a dedent cuts it
+
+
+GO_ON = StopDecision(False)
+
+
+class StopCondition:
+    """Decides once per token whether a sequence is done.
+
+    ``"stop"`` is an end-of-sequence token, a stop string or a dedent (then the text is
+    cut where it starts); ``"length"`` is ``max_tokens`` tokens generated.
     """
 
     def __init__(self, eos_ids: frozenset[int], max_tokens: int, stops: tuple[str, ...],
@@ -83,17 +96,20 @@ class StopCondition:
         self.stops = stops
         self.dedent = dedent
 
-    def __call__(self, token_id: int, generated: int, text: str, start: int = 0) -> tuple[bool, str | None]:
-        """Check the newest token; ``text`` is all text so far, searched for stops from ``start``."""
-        if token_id in self.eos_ids:
-            return True, "stop"
-        if self.cut(text, start) is not None:
-            return True, "stop"
-        if generated >= self.max_tokens:
-            return True, "length"
-        return False, None
+    def ends_with(self, token_id: int, generated: int) -> bool:
+        """Whether this token ends the sequence whatever its text (so held-back bytes must come out)."""
+        return token_id in self.eos_ids or generated >= self.max_tokens
 
-    def cut(self, text: str, start: int = 0) -> int | None:
+    def __call__(self, token_id: int, generated: int, text: str, start: int = 0) -> StopDecision:
+        """Check the newest token; ``text`` is all text so far, searched for stops from ``start``."""
+        cut = self._cut(text, start)
+        if token_id in self.eos_ids or cut is not None:
+            return StopDecision(True, "stop", cut)
+        if generated >= self.max_tokens:
+            return StopDecision(True, "length")
+        return GO_ON
+
+    def _cut(self, text: str, start: int) -> int | None:
         """Where the text ends because of a stop string (searched from ``start``) or a dedent; None: nowhere."""
         cuts = [find_stop(text, self.stops, start) if self.stops else None,
                 self.dedent.find(text) if self.dedent else None]

@@ -1,4 +1,5 @@
-"""Token ids to text, incrementally: whole UTF-8 characters only, stop strings held back and cut."""
+"""One generated sequence: token ids to text incrementally (whole characters only), its stop decision,
+the text held back until it cannot become a stop, and its logprobs with their offsets."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -81,29 +82,31 @@ class SequenceState:
             self.text += self.detokenizer.flush()
         else:
             self.text += self.detokenizer.add(token_id)
-            if self.generated >= self.stop.max_tokens:
+            if self.stop.ends_with(token_id, self.generated):
                 self.text += self.detokenizer.flush()
             if self.token_text is not None:
-                token = self.token_text(token_id)
-                if len(self.text) > offset and self.text.endswith(token):
-                    # Text that waited for this token (a split character) came out with it: the
-                    # token itself starts where its own text does.
-                    offset = len(self.text) - len(token)
-                alternatives = tuple((self.token_text(t), lp) for t, lp in top)
-                self.pending.append(TokenLogprob(token, logprob, alternatives, self.offset_base + offset))
+                self._note_logprob(token_id, logprob, top, offset)
         if self.skip and len(self.text) >= len(self.skip):
             self.text = self.text.removeprefix(self.skip)
             self.skip = ""
-        done, reason = self.stop(token_id, self.generated, self.text, self.sent)
-        if not done:
+        decision = self.stop(token_id, self.generated, self.text, self.sent)
+        if not decision.done:
             if self.skip:
                 return None
             return self._emit(len(self.text) - self.stop.hold(self.text[self.sent:]), None)
-        cut = self.stop.cut(self.text, self.sent)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.pending = [e for e in self.pending if e.offset - self.offset_base < cut]
-        return self._emit(len(self.text), reason, release_all=True)
+        if decision.cut is not None:
+            self.text = self.text[:decision.cut]
+            self.pending = [e for e in self.pending if e.offset - self.offset_base < decision.cut]
+        return self._emit(len(self.text), decision.reason, release_all=True)
+
+    def _note_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], offset: int) -> None:
+        token = self.token_text(token_id)
+        if len(self.text) > offset and self.text.endswith(token):
+            # Text that waited for this token (a split character) came out with it: the
+            # token itself starts where its own text does.
+            offset = len(self.text) - len(token)
+        alternatives = tuple((self.token_text(t), lp) for t, lp in top)
+        self.pending.append(TokenLogprob(token, logprob, alternatives, self.offset_base + offset))
 
     def _emit(self, end: int, reason: str | None, release_all: bool = False) -> Delta | None:
         chunk = self.text[self.sent:end]

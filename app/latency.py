@@ -1,11 +1,12 @@
-"""Latency benchmark of an engine: time to first token and decode speed, cold and while typing."""
+"""``python -m app bench``: one engine's latency in-process (no HTTP): time to first token and decode speed,
+cold and while typing. The HTTP benchmarks against peers live in ``bench/``."""
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
 
-from .engine import Engine, Generation, SamplingParams
+from .engine import Engine, SamplingParams
 
 SHORT_PROMPT = "# Path: fibonacci.py\ndef fibonacci(n):\n"
 
@@ -20,15 +21,15 @@ def long_prompt(engine: Engine, tokens: int) -> str:
 def timed_completion(engine: Engine, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """Run one greedy completion of exactly ``max_tokens`` tokens; return (ttft s, total s, tokens)."""
     # End-of-sequence is banned so every run decodes the same number of tokens.
-    bias = tuple((token, -100.0) for token in sorted(engine.eos_ids))
+    bias = tuple((token, -100.0) for token in sorted(engine.preparer.eos_ids))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=bias)
-    generation = Generation(engine, engine.prepare(prompt, params, request_id="bench"))
+    request = engine.prepare(prompt, params, request_id="bench")
     started = time.perf_counter()
     first = None
-    for _ in generation:
+    for _ in engine.stream(request):
         first = first or time.perf_counter()
     end = time.perf_counter()
-    return first - started, end - started, generation.completion_tokens
+    return first - started, end - started, request.completion_tokens
 
 
 def _report(label: str, samples: list[tuple[float, float, int]]) -> None:
@@ -42,17 +43,16 @@ def _report(label: str, samples: list[tuple[float, float, int]]) -> None:
 def run_benchmark(engine: Engine, max_tokens: int = 48, runs: int = 3) -> None:
     """Print medians over ``runs`` runs (after warm-up) for three typical completion requests."""
     engine.warmup()
-    threads = f"{engine.scheduler.threads[0]}/{engine.scheduler.threads[1]} prefill/decode threads" if engine.scheduler.threads else "GPU"
-    print(f"model {engine.name} on {engine.device} ({threads}), "
+    print(f"model {engine.name} on {engine.device} ({engine.scheduler.threads}), "
           f"{max_tokens}-token greedy completions, median of {runs}")
     cold = []
     for _ in range(runs):
         engine.forget()
         cold.append(timed_completion(engine, SHORT_PROMPT, max_tokens))
-    _report(f"short prompt ({len(engine.encode(SHORT_PROMPT)[0])} tokens), cold", cold)
+    _report(f"short prompt ({len(engine.preparer.encode(SHORT_PROMPT)[0])} tokens), cold", cold)
 
     prompt = long_prompt(engine, 1000)
-    size = len(engine.encode(prompt)[0])
+    size = len(engine.preparer.encode(prompt)[0])
     cold = []
     for _ in range(runs):
         engine.forget()

@@ -1,0 +1,192 @@
+"""From a validated completion to :class:`~app.engine.request.Request` objects: the model prompt's tokens,
+the checks against the model's window and the server's limits, the sampling chain and the stops."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import torch
+
+from config import EngineOptions, ModelConfig
+
+from .errors import InvalidParameter, PromptTooLong
+from .healing import TokenHealer
+from .params import SamplingParams
+from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_last, leading_bos, special_token_id
+from .request import Request
+from .sampling import TokenChooser
+from .sequence import IncrementalDetokenizer, SequenceState
+from .stopping import DedentStop, StopCondition
+
+log = logging.getLogger(__name__)
+
+
+class Preparer:
+    """Everything about one model that turning text into a runnable request needs: tokenizer, window, stops."""
+
+    def __init__(self, config: ModelConfig, model: torch.nn.Module, tokenizer, device: torch.device,
+                 options: EngineOptions):
+        self.config, self.tokenizer, self.device, self.options = config, tokenizer, device, options
+        self.is_seq2seq = config.kind == "seq2seq"
+        self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
+        self.bos = leading_bos(tokenizer)
+        head = model.get_output_embeddings()
+        self.vocab_size = getattr(head, "out_features", None) or model.config.vocab_size
+        self.context_length = config.context_length or _window(model.config)
+        self.eos_ids, self.stop_strings = self._stops(model)
+        self.healer = TokenHealer(tokenizer, self.decode) if options.token_healing and not self.is_seq2seq else None
+
+    def _stops(self, model: torch.nn.Module) -> tuple[frozenset[int], tuple[str, ...]]:
+        """End-of-sequence ids from the model and tokenizer, plus configured stops.
+
+        A configured stop written like a special token (``<eom>``, ``▁<EOT>``) that the
+        vocabulary has stops by id (its text never reaches the output); anything else
+        is matched as a string.
+        """
+        eos = set()
+        for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            eos.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        strings = []
+        for stop in self.config.stop:
+            if SPECIAL_TOKEN.fullmatch(stop):
+                try:
+                    eos.add(special_token_id(self.tokenizer, stop))
+                    continue
+                except TemplateError:
+                    log.warning("model %s: stop %r is not a token of its vocabulary; matching it as text",
+                                self.config.name, stop)
+            strings.append(stop)
+        return frozenset(eos), tuple(strings)
+
+    # -- text and tokens ------------------------------------------------------------
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token sequence, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as shown in logprobs."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def prompt_budget(self, max_tokens: int, truncate: bool = False) -> int:
+        """Prompt tokens allowed beside ``max_tokens`` (a seq2seq encoder has the window to itself).
+
+        When prompts are truncated, a prompt keeps at least half the window: an editor's
+        long file with a large max_tokens (Copilot asks for 500) then gets a shorter
+        completion instead of an error.
+        """
+        if self.is_seq2seq:
+            return self.context_length
+        budget = self.context_length - max_tokens
+        return max(budget, self.context_length // 2) if truncate else budget
+
+    def encode(self, prompt: str, suffix: str | None = None, budget: int | None = None,
+               truncate: bool = False) -> tuple[list[int], bool, Truncation]:
+        """Token ids of the model prompt, whether the FIM template was used, and what was truncated.
+
+        Models without FIM tokens complete from the prefix alone: Copilot sends a
+        suffix with every request, and a plain continuation beats an error. Seq2seq
+        models always use their template (its sentinel marks the span to generate).
+        A FIM prompt always fits ``budget``; a plain one only with ``truncate``.
+        """
+        budget = self.context_length if budget is None else budget
+        if self.fim is None or not (suffix or self.is_seq2seq):
+            ids = self.tokenizer(prompt)["input_ids"]
+            ids, cut = keep_last(ids, budget, self.bos) if truncate else (ids, Truncation())
+            return ids, False, cut
+        ids, cut = self.fim.build(prompt, suffix or "", budget)
+        return ids, True, cut
+
+    # -- requests -------------------------------------------------------------------
+
+    def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
+                best_of: int | None = None, echo: bool = False, request_id: str = "local") -> Request:
+        """Tokenize and check one prompt against this model; build its request (raises EngineError)."""
+        # An echoed prompt is the client's text back, so it is never cut.
+        truncate = self.options.truncate_prompts and not echo
+        params = self._with_max_tokens(params)
+        ids, used_fim = self._prompt_ids(prompt, suffix, params.max_tokens, truncate, request_id)
+        params = self._fit_max_tokens(params, len(ids), truncate, request_id)
+        self._check_logit_bias(params)
+        if suffix and not used_fim:
+            log.debug("[%s] model %s has no fill-in-the-middle template: suffix ignored", request_id, self.config.name)
+        healing = None
+        # Healing changes which tokens are generated, so not when the client asked to see them.
+        if self.healer and not used_fim and not echo and params.logprobs is None:
+            ids, healing = self.healer.heal(ids)
+        runs = max(n, best_of or 1)
+        allowed = healing.allowed if healing else None
+        sequences = [self._sequence(i, prompt, ids, params, healing.text if healing else "") for i in range(runs)]
+        chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed)
+        return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
+                       used_fim=used_fim, healing=healing)
+
+    def _with_max_tokens(self, params: SamplingParams) -> SamplingParams:
+        """The params with the model's default max_tokens when the client named none."""
+        if params.max_tokens is None:
+            return dataclasses.replace(params, max_tokens=self.config.max_tokens)
+        return params
+
+    def _prompt_ids(self, prompt: str, suffix: str | None, max_tokens: int, truncate: bool,
+                    request_id: str) -> tuple[list[int], bool]:
+        """The model prompt's ids within the window (truncated when allowed) and whether FIM was used."""
+        budget = self.prompt_budget(max_tokens, truncate)
+        if budget < 1 or (max_tokens > self.context_length and not truncate):
+            raise PromptTooLong(len(self.tokenizer(prompt)["input_ids"]), max_tokens, self.context_length)
+        try:
+            ids, used_fim, cut = self.encode(prompt, suffix, budget, truncate)
+        except TemplateError:
+            raise PromptTooLong(self.fim.fixed_tokens, max_tokens, self.context_length) from None
+        if cut:
+            log.info("[%s] prompt truncated to fit %d tokens: %d prefix tokens cut at the start, %d suffix tokens "
+                     "at the end", request_id, budget, cut.prefix_tokens, cut.suffix_tokens)
+        if not ids:
+            # Nothing to condition on: start from the beginning-of-sequence token.
+            bos = self.tokenizer.bos_token_id
+            ids = [bos if bos is not None else min(self.eos_ids, default=0)]
+        if len(ids) > budget:
+            raise PromptTooLong(len(ids), max_tokens, self.context_length)
+        return ids, used_fim
+
+    def _fit_max_tokens(self, params: SamplingParams, prompt_tokens: int, truncate: bool,
+                        request_id: str) -> SamplingParams:
+        """Lower max_tokens to the room the prompt leaves in the window (when prompts may be truncated)."""
+        room = self.context_length - (0 if self.is_seq2seq else prompt_tokens)
+        if params.max_tokens > room and truncate:
+            log.info("[%s] max_tokens %d lowered to %d, the room left in the %d-token window", request_id,
+                     params.max_tokens, room, self.context_length)
+            return dataclasses.replace(params, max_tokens=room)
+        return params
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        bad = [token for token, _ in params.logit_bias if not 0 <= token < self.vocab_size]
+        if bad:
+            raise InvalidParameter(
+                f"logit_bias has token ids outside this model's vocabulary (0..{self.vocab_size - 1}): {bad[:5]}",
+                param="logit_bias")
+
+    def _sequence(self, index: int, prompt: str, ids: list[int], params: SamplingParams,
+                  healed: str) -> SequenceState:
+        """One sequence's state: its detokenizer, its stops, its logprob offsets."""
+        # The decoder continues the prompt, except in seq2seq models where it starts afresh.
+        context = ids if not self.is_seq2seq or self.config.decoder_prompt else ()
+        dedent = None
+        if params.trim_by_indentation:
+            last_line = prompt.rpartition("\n")[2]
+            dedent = DedentStop(last_line if not last_line.strip() else None)
+        stop = StopCondition(self.eos_ids, params.max_tokens, self.stop_strings + params.stop, dedent)
+        token_text = self.token_text if params.logprobs is not None else None
+        # text_offset counts from the start of the prompt, as OpenAI's does; the healed text is never sent.
+        return SequenceState(index, IncrementalDetokenizer(self.decode, context), stop, token_text,
+                             offset_base=len(prompt), skip=healed)
+
+
+def _window(model_config) -> int:
+    """The model's context window from its config (2048 when it names none)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

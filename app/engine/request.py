@@ -1,0 +1,190 @@
+"""A request: one prompt's completion as it travels through admission, the scheduler and the runner.
+
+:meth:`~app.engine.prepare.Preparer.prepare` builds it (tokens, sampling, stops,
+sequences); the scheduler feeds its prompt, advances its live sequences one token per
+step and finishes it; the request thread that submitted it reads its deltas from
+:meth:`Request.deltas`. Like nano-vllm's ``Sequence``, nothing else carries a request.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import RequestTimedOut
+from .healing import Healing
+from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
+from .sampling import Picks, TokenChooser
+from .sequence import SequenceState
+
+log = logging.getLogger(__name__)
+DONE = object()  # put on a request's queue after its last deltas
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What a waiting request thread checks: whether its client went away, and its deadline (monotonic)."""
+
+    client_gone: Callable[[], bool] | None = None
+    deadline: float | None = None
+    poll_seconds: float = 0.05
+
+
+@dataclass
+class Timings:
+    """perf_counter() marks of one request's way through the engine."""
+
+    submitted: float = 0.0
+    started: float | None = None  # its prefill began
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class Request:
+    """One prompt to complete: what to do, its sequences while they run, and the queue of its deltas."""
+
+    def __init__(self, request_id: str, prompt: str, prompt_ids: tuple[int, ...], params: SamplingParams,
+                 sequences: list[SequenceState], chooser: TokenChooser, *, n: int, echo: bool = False,
+                 used_fim: bool = False, healing: Healing | None = None):
+        self.id = request_id
+        self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
+        self.n = n  # choices returned; more sequences than that run for best_of
+        self.sequences, self.chooser = sequences, chooser
+        self.echo, self.used_fim, self.healing = echo, used_fim, healing
+        self.echo_logprobs: tuple[TokenLogprob, ...] = ()
+        self.live: list[SequenceState] = []  # the sequences in the batch, in row order
+        self.next_tokens: list[int] = []  # the token each live sequence feeds next
+        self.reused = 0  # prompt tokens taken from the prefix cache
+        self.timings = Timings()
+        self.cancelled = threading.Event()
+        self.outcome: str | None = None  # how its reader's wait ended: "done", "failed" or "gone"
+        self._out: queue.SimpleQueue = queue.SimpleQueue()  # lists of deltas, then DONE or an exception
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt length as the client sees it (a healed token still counts)."""
+        return len(self.prompt_ids) + (1 if self.healing else 0)
+
+    @property
+    def ranked(self) -> bool:
+        """Whether more sequences run than are returned (best_of): the best are sent at the end."""
+        return len(self.sequences) > self.n
+
+    def returned(self) -> list[SequenceState]:
+        """The sequences the client gets: all, or for best_of the ``n`` most likely per token."""
+        if not self.ranked:
+            return self.sequences
+        return sorted(self.sequences, key=lambda s: s.cumulative_logprob / max(s.generated, 1), reverse=True)[:self.n]
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far by the returned sequences."""
+        return sum(seq.generated for seq in self.returned())
+
+    def results(self) -> list[SequenceResult]:
+        """Each returned sequence whole, the echoed prompt in front, indexed 0..n-1."""
+        prefix = self.prompt if self.echo else ""
+        return [seq.result(prefix, self.echo_logprobs) for seq in self.returned()]
+
+    # -- the scheduler's side ---------------------------------------------------
+
+    def start(self, picks: Picks) -> list[int]:
+        """Take the first tokens, chosen from the prompt's logits; return the rows that go on decoding."""
+        self.timings.first_token = time.perf_counter()
+        self.live = list(self.sequences)
+        return self.advance(picks)
+
+    def advance(self, picks: Picks) -> list[int]:
+        """Push each live sequence's picked token; send what is ready; return the rows still running."""
+        token_ids = picks.token_ids.tolist()
+        logprobs = picks.logprobs.tolist()
+        tops = picks.top_pairs() or [()] * len(token_ids)
+        deltas, keep = [], []
+        for row, seq in enumerate(self.live):
+            delta = seq.push(token_ids[row], logprobs[row], tops[row])
+            if delta is not None:
+                deltas.append(delta)
+            if not seq.finished:
+                keep.append(row)
+        if deltas and not self.ranked:
+            self._out.put(deltas)
+        if keep and len(keep) < len(self.live):
+            self.chooser.keep_rows(torch.tensor(keep, device=picks.token_ids.device))
+        self.live = [self.live[row] for row in keep]
+        self.next_tokens = [token_ids[row] for row in keep]
+        return keep
+
+    def finish(self) -> None:
+        """The request is over (done or dropped): send a best_of request's chosen sequences, then DONE."""
+        self.timings.finished = time.perf_counter()
+        if self.ranked and not self.cancelled.is_set():
+            chosen = self.returned()
+            for index, seq in enumerate(chosen):
+                seq.index = index
+            self._out.put([Delta(s.index, s.text, tuple(s.logprobs), s.finish_reason) for s in chosen])
+        self._out.put(DONE)
+
+    def skip(self) -> list[Delta]:
+        """No tokens were asked for (max_tokens 0): every sequence ends at once, for "length"."""
+        for seq in self.returned():
+            seq.finish_reason = "length"
+        return [Delta(seq.index, "", (), "length") for seq in self.returned()]
+
+    def fail(self, exc: BaseException) -> None:
+        """The request failed: its reader raises ``exc``."""
+        self.timings.finished = time.perf_counter()
+        self._out.put(exc)
+
+    # -- the request thread's side ------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request at its next step (a no-op once it is finished)."""
+        self.cancelled.set()
+
+    def deltas(self, watch: Watch = Watch()) -> Iterator[list[Delta]]:
+        """The deltas as the scheduler sends them, until DONE; stops early when the client goes away.
+
+        The client is polled while waiting (in the queue, during a long prefill): editors
+        abandon a request at the next keystroke, and its work should stop before it takes
+        the model's time, not when its first token fails to send.
+        """
+        next_check = 0.0
+        while True:
+            if watch.client_gone is None and watch.deadline is None:
+                item = self._out.get()
+            else:
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + watch.poll_seconds
+                    if self._abandoned(watch, now):
+                        return
+                try:
+                    item = self._out.get(timeout=max(next_check - now, 0.001))
+                except queue.Empty:
+                    continue
+            if item is DONE:
+                self.outcome = "done"
+                return
+            if isinstance(item, BaseException):
+                self.outcome = "failed"
+                raise item
+            yield item
+
+    def _abandoned(self, watch: Watch, now: float) -> bool:
+        """Whether the client went away; raises RequestTimedOut past the deadline."""
+        if watch.client_gone is not None and watch.client_gone():
+            log.info("[%s] client went away: request cancelled", self.id)
+            self.outcome = "gone"
+            self.cancel()
+            return True
+        if watch.deadline is not None and now >= watch.deadline:
+            self.outcome = "failed"
+            log.warning("[%s] request stopped at the server's time limit", self.id)
+            raise RequestTimedOut("The request took longer than this server allows and was stopped; "
+                                  "retry, perhaps with a smaller max_tokens.")
+        return False
