@@ -19,7 +19,8 @@ from .engine import Delta, Engine, Request, Watch
 from .engine.engine import Ticket
 from .errors import reply_for
 from .metrics import RequestRecord
-from .protocol import ChoiceOut, CompletionRequest, InvalidRequestError, completion_response, sse_event, stream_chunk, usage_chunk
+from .protocol import (ChoiceOut, CompletionRequest, InvalidRequestError, completion_response, sse_event, stream_chunk,
+                       usage_chunk)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def client_gone_probe(environ: dict) -> Callable[[], bool] | None:
         return None
 
     def client_gone() -> bool:
+        """Whether the peer has closed the connection."""
         try:
             readable, _, _ = select.select([sock], [], [], 0)
             # Readable with nothing to read is the peer's close; data would be a pipelined request.

@@ -123,6 +123,7 @@ class Engine:
 
         Closing the iterator early cancels the request: it leaves the batch at the next step.
         """
+        request.claim()
         if self.options.debug:
             self._log_prompt(request)
         if request.echo:

@@ -64,6 +64,7 @@ class Request:
         self.cancelled = threading.Event()
         self.outcome: str | None = None  # how its reader's wait ended: "done", "failed" or "gone"
         self._out: queue.SimpleQueue = queue.SimpleQueue()  # lists of deltas, then DONE or an exception
+        self._claimed = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,6 +91,12 @@ class Request:
         """Each returned sequence whole, the echoed prompt in front, indexed 0..n-1."""
         prefix = self.prompt if self.echo else ""
         return [seq.result(prefix, self.echo_logprobs) for seq in self.returned()]
+
+    def claim(self) -> None:
+        """Mark the request as run; a request runs once (prepare the prompt again to rerun it)."""
+        if self._claimed:
+            raise ValueError(f"request {self.id} has already run; prepare it again to run it again")
+        self._claimed = True
 
     # -- the scheduler's side ---------------------------------------------------
 
