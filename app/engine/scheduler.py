@@ -82,7 +82,7 @@ class RowTable:
 class Scheduler:
     """Owns a runner's model in one thread; decides who runs and advances every running request together."""
 
-    def __init__(self, runner, max_rows: int = 8, threads: ThreadPlan | None = None, name: str = "model"):
+    def __init__(self, runner, max_rows: int, threads: ThreadPlan | None = None, name: str = "model"):
         self.runner = runner
         self.max_rows = max_rows
         self.threads = threads or ThreadPlan()
