@@ -20,8 +20,9 @@ bind = _settings.bind
 # Worker processes: each holds its own copy of the models; gthread lets one worker
 # keep several connections (queued requests, long streams) open at once.
 workers = _settings.workers
-worker_class = "gthread"
-threads = _settings.threads
+# gunicorn's gthread worker, with a deadline on reading each request (app/workers.py).
+worker_class = "app.workers.Worker"
+threads = _settings.connection_threads
 # The models load after fork, in each worker: never touch CUDA in the master.
 preload_app = False
 
@@ -73,4 +74,5 @@ def post_fork(server, worker):
     from wsgi import app
 
     server.log.info("worker %s takes slot %d", worker.pid, worker.slot)
+    worker.read_timeout = _settings.read_timeout
     prepare_worker(app, worker.slot, worker.tmp.notify)

@@ -8,8 +8,6 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
 
-from .errors import reply_for
-
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iterable[Any] = ()) -> Flask:
     """Assemble the app: settings (file + env, or given), the completions blueprint, one error handler.
@@ -44,5 +42,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
 
 def handle_error(exc: Exception):
     """Every failure leaves as an OpenAI error envelope; only real faults are 5xx, never a traceback."""
+    from .errors import reply_for  # here, so gunicorn's master can import app.workers without torch
+
     envelope, status, headers = reply_for(exc, g.get("request_id", "-"))
     return jsonify(envelope), status, headers

@@ -4,17 +4,18 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-import uuid
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import copilot_token
 from .engine.registry import EngineRegistry
-from .errors import AuthenticationError
-from .metrics import RequestRecord
+from .errors import AuthenticationError, BodyError, ClientGone, ReadTimedOut
+from .metrics import RequestRecord, request_id
 from .openapi import openapi_document
 from .protocol import decode_json_body, model_list, parse_completion_request
 from .serving import EventStream, client_gone_probe, start_completion, whole_completion
+from .workers import request_read
 
 log = logging.getLogger(__name__)
 bp = Blueprint("completions", __name__)
@@ -27,7 +28,7 @@ def get_engines() -> EngineRegistry:
 
 PUBLIC_ENDPOINTS = ("completions.health", "completions.ready", "completions.openapi")
 QUIET_ENDPOINTS = (*PUBLIC_ENDPOINTS, "completions.metrics", "completions.copilot_token_endpoint",
-                   "completions.copilot_user")  # probes and scrapes: no log line
+                   "completions.copilot_user")  # probes and scrapes: no log line unless refused
 
 
 def _presented_key() -> str:
@@ -49,9 +50,9 @@ def _is_key(presented: str, keys: tuple[str, ...]) -> bool:
 
 @bp.before_request
 def _authenticate() -> None:
-    g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    g.request_id = request_id(request.headers.get("X-Request-Id"))
     route = f"{request.method} {request.script_root}{request.path}"  # as the client sent it, prefix included
-    g.record = RequestRecord(g.request_id, route, current_app.extensions["metrics"])
+    g.record = RequestRecord(g.request_id, route, current_app.extensions["metrics"], request.remote_addr)
     keys = current_app.config["FAUXPILOT"].api_keys
     if not keys or request.endpoint in PUBLIC_ENDPOINTS:
         return
@@ -67,7 +68,7 @@ def _tag(response: Response) -> Response:
     # Copilot clients refuse GitHub API replies without it.
     response.headers["X-GitHub-Request-Id"] = g.get("request_id", "")
     record = g.get("record")
-    if record is None or request.endpoint in QUIET_ENDPOINTS:
+    if record is None or (request.endpoint in QUIET_ENDPOINTS and response.status_code < 400):
         return response
     if response.is_streamed:
         response.response = record.finish_after(response.response, response.status_code)
@@ -150,8 +151,36 @@ def create_fim_completion():
     return _complete(None, chat_deltas=True)
 
 
+def _read_body() -> bytes:
+    """The whole request body, or the error that says why there is none (413, 408, 499, 400).
+
+    Read from the WSGI input itself: under gunicorn, werkzeug hands back a body cut short by a
+    hang-up (or a chunked one cut at max_request_bytes) as if it were whole.
+    """
+    limit, declared = current_app.config["MAX_CONTENT_LENGTH"], request.content_length
+    if declared is not None and declared > limit:
+        request_read()
+        raise RequestEntityTooLarge()
+    malformed = None
+    try:  # a chunked body declares no length: read one byte past the limit to see whether it is over
+        data = request.environ["wsgi.input"].read(limit + 1 if declared is None else declared)
+    except OSError:  # gunicorn's reader when the connection ends inside a chunked body
+        data = None
+    except Exception as exc:  # gunicorn's chunk parser: not valid chunked encoding
+        data, malformed = b"", exc
+    if request_read():
+        raise ReadTimedOut("The request body did not arrive in time.", "request_read_timeout")
+    if malformed is not None:
+        raise BodyError("The request body is not valid chunked encoding.", "invalid_body") from malformed
+    if data is None or (declared is not None and len(data) < declared):
+        raise ClientGone("The client closed the connection while sending its body.", "client_closed_request")
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
 def _complete(engine_name: str | None, chat_deltas: bool = False):
-    body = parse_completion_request(decode_json_body(request.get_data(cache=False), request.mimetype or ""))
+    body = parse_completion_request(decode_json_body(_read_body(), request.mimetype or ""))
     engine = get_engines().get(engine_name or body.model)
     run = start_completion(engine, body, current_app.config["FAUXPILOT"], g.record, client_gone_probe(request.environ))
     if not body.stream:

@@ -23,6 +23,22 @@ class AuthenticationError(Exception):
         self.message, self.param, self.code = message, None, None
 
 
+class BodyError(Exception):
+    """A request body that could not be read whole; ``code`` says why."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.message, self.param, self.code = message, None, code
+
+
+class ReadTimedOut(BodyError):
+    """The client did not send its body within ``read_timeout`` (HTTP 408)."""
+
+
+class ClientGone(BodyError):
+    """The client hung up before the server answered (499, as nginx counts it; never seen by the client)."""
+
+
 @dataclass(frozen=True)
 class Answer:
     """How one kind of error is answered."""
@@ -43,6 +59,9 @@ class Answer:
 ANSWERS: dict[type[Exception], Answer] = {
     InvalidRequestError: Answer(400),
     AuthenticationError: Answer(401, "authentication_error", "invalid_api_key"),
+    BodyError: Answer(400),
+    ReadTimedOut: Answer(408),
+    ClientGone: Answer(499),
     engine.PromptTooLong: Answer(400, code="context_length_exceeded"),
     engine.InvalidParameter: Answer(400),
     engine.UnknownModel: Answer(404, code="model_not_found"),

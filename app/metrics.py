@@ -7,7 +7,9 @@ a single process) the app's own registry is exported.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -70,23 +72,50 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# A client's X-Request-Id is kept when it is a plain token (UUIDs, Copilot's ids); anything else
+# (8,000 bytes, control characters) would be echoed into headers, bodies and the log.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=/-]{0,127}")
+MAX_ROUTE = 300
+
+
+def request_id(presented: str | None) -> str:
+    """The client's request id when it is a sane token, else a new one."""
+    return presented if presented and REQUEST_ID.fullmatch(presented) else uuid.uuid4().hex
+
+
+def printable(text: str, limit: int = MAX_ROUTE) -> str:
+    """``text`` safe for one log line: control and other unprintable characters escaped, length capped."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class RequestRecord:
     """One request's log line and metrics: the serving layer fills it in, the blueprint's last hook writes it."""
 
-    def __init__(self, request_id: str, route: str, metrics: Metrics):
-        self.request_id, self.route, self.metrics = request_id, route, metrics
+    def __init__(self, request_id: str, route: str, metrics: Metrics, client: str | None = None):
+        self.request_id, self.route, self.metrics = request_id, printable(route), metrics
+        self.client = printable(client or "-", 64)
         self.started = time.perf_counter()
         self.engine = None  # the engine that served it, once known
         self.usage = (0, 0)  # prompt, completion tokens
         self.complete = True  # False while a stream has not reached its end
 
     def finish(self, status: int) -> None:
-        """Write the request's log line (never prompt text) and count it in the metrics."""
-        note = "" if self.complete else " client went away"
+        """Write the request's log line (never prompt text) and count it in the metrics.
+
+        A request whose client went away is logged and counted as 499 (nginx's "client closed
+        request"), whatever status line was sent: operators must tell abandonment from success.
+        """
+        note = ""
+        if not self.complete:
+            status, note = 499, " client went away"
         model = self.engine.name if self.engine is not None else None
-        request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f%s",
-                         self.request_id, self.route, status, model or "-", self.usage[0], self.usage[1],
-                         (time.perf_counter() - self.started) * 1000, note)
+        request_log.info("request %s %s status=%d model=%s prompt_tokens=%d completion_tokens=%d latency_ms=%.0f "
+                         "client=%s%s", self.request_id, self.route, status, model or "-", self.usage[0],
+                         self.usage[1], (time.perf_counter() - self.started) * 1000, self.client, note)
         self.metrics.record(model, status, self.started, self.usage)
         if self.engine is not None:
             self.metrics.observe(model, self.engine.stats())

@@ -42,6 +42,9 @@ class CompletionRun:
             with closing(self.engine.stream(request, self.watch)) as deltas:
                 for delta in deltas:
                     yield number * self.body.n + delta.index, delta
+            if request.outcome == "gone":
+                self.record.complete = False  # the client hung up: nothing more to serve
+                return
             prompt_tokens += request.prompt_tokens
             completion_tokens += request.completion_tokens
             self.record.usage = (prompt_tokens, completion_tokens)

@@ -1,11 +1,24 @@
-"""Per-worker set-up for gunicorn: a stable slot (hence GPU) per worker, model loading in post_fork."""
+"""gunicorn glue: a stable slot (hence GPU) per worker, model loading in post_fork, and the worker class
+(gthread with a read deadline per request and JSON error replies)."""
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
+import time
 from typing import Callable, Iterable
 
+from gunicorn import util as gunicorn_util
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
+
 log = logging.getLogger(__name__)
+
+# How long a thread waits for a new connection's first bytes before handing it back to the
+# poller, where waiting costs no thread: not at all. gunicorn waits 5 s, and 200 silent
+# connections then held every thread in turn and delayed other requests by about 70 s
+# (0.5 s still cost 7.5 s with 12 threads).
+FIRST_BYTES_WAIT = 0.0
 
 
 def free_slot(taken: Iterable[int]) -> int:
@@ -63,3 +76,102 @@ def prepare_worker(app, slot: int, notify) -> None:
     configure_logging(settings.debug)
     off_main_thread(lambda: app.extensions["fauxpilot"].load_all(slot), notify)
     log.info("worker slot %d ready", slot)
+
+
+# -- the worker class ---------------------------------------------------------------
+
+class ReadDeadlines:
+    """One watchdog thread that cuts off clients too slow to send their request.
+
+    A connection being read holds one of the worker's threads; a client that sends its
+    headers a byte every few seconds held it for as long as it liked (16 such clients
+    stopped a worker). At its deadline the socket's read side is shut, so the blocked
+    read returns and gunicorn closes the connection (or the view answers 408 mid-body).
+    """
+
+    def __init__(self) -> None:
+        self._armed: dict[int, tuple[float, socket.socket]] = {}
+        self._expired: set[int] = set()
+        self._lock = threading.Condition()
+        self._next_token = 0
+        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
+
+    def arm(self, sock: socket.socket, seconds: float) -> int:
+        """Cut ``sock``'s reading off ``seconds`` from now unless disarmed first; returns the token."""
+        with self._lock:
+            self._next_token += 1
+            self._armed[self._next_token] = (time.monotonic() + seconds, sock)
+            self._lock.notify()
+            return self._next_token
+
+    def disarm(self, token: int) -> bool:
+        """Cancel a deadline; return whether it had already expired."""
+        with self._lock:
+            self._armed.pop(token, None)
+            expired = token in self._expired
+            self._expired.discard(token)
+            return expired
+
+    def _watch(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, sock) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[token]
+                        self._expired.add(token)
+                        _shut_reading(sock)
+                soonest = min((deadline for deadline, _ in self._armed.values()), default=now + 60)
+                self._lock.wait(max(soonest - now, 0.01))
+
+
+def _shut_reading(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:  # already closed by the client or the worker
+        pass
+
+
+_reading = threading.local()  # the read deadline of the request this thread is reading
+
+
+def request_read() -> bool:
+    """Called once a request's body is read: stop its read deadline; return whether it had expired."""
+    token, deadlines = getattr(_reading, "token", None), getattr(_reading, "deadlines", None)
+    _reading.token = None
+    return bool(token and deadlines and deadlines.disarm(token))
+
+
+class Worker(ThreadWorker):
+    """gunicorn's gthread worker with a deadline on reading each request and JSON error replies."""
+
+    read_timeout = 10.0  # post_fork sets the configured value
+
+    def init_process(self) -> None:
+        """Start the read-deadline watchdog, then run as gthread does."""
+        self.read_deadlines = ReadDeadlines()
+        # gunicorn answers requests it cannot parse (431, 414, bad chunking) itself, as HTML;
+        # clients of this API expect OpenAI's JSON envelope.
+        gunicorn_util.write_error = write_json_error
+        super().init_process()
+
+    def handle(self, conn):
+        """Serve one request of ``conn``, reading it under the deadline."""
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(FIRST_BYTES_WAIT):
+            return _DEFER
+        _reading.deadlines = self.read_deadlines
+        _reading.token = self.read_deadlines.arm(conn.sock, self.read_timeout)
+        try:
+            return super().handle(conn)
+        finally:
+            request_read()
+
+
+def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's own error reply (before the app ran) as an OpenAI error envelope."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps({"error": {"message": message or reason, "type": kind, "param": None,
+                                 "code": reason.lower().replace(" ", "_")}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    gunicorn_util.write_nonblock(sock, head + body)

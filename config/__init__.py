@@ -22,6 +22,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 FIM_ORDERS = ("psm", "spm")
 
 
+# Threads beyond the engines' admission: probes, 429s and requests being read never wait for generation.
+SPARE_THREADS = 8
+
+
 class ConfigError(ValueError):
     """A configuration file or environment value that cannot be used."""
 
@@ -93,8 +97,9 @@ class Settings(EngineOptions):
     models: tuple[ModelConfig, ...]
     bind: str = "127.0.0.1:5000"  # all interfaces only when a sysadmin says so
     workers: int = 1
-    threads: int = 16
+    threads: int | None = None  # connections a worker serves at once; None: see connection_threads
     timeout: int = 120
+    read_timeout: float = 10.0  # seconds a client has to send a request's headers and body
     device: str = "auto"
     cache_dir: Path = Path("~/.cache/fauxpilot-lite").expanduser()
     api_keys: tuple[str, ...] = ()
@@ -105,6 +110,17 @@ class Settings(EngineOptions):
     request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For/Proto/Host/Prefix are believed
     metrics_dir: str | None = None  # prometheus-client's multiprocess folder (gunicorn.conf.py sets one)
+
+    @property
+    def connection_threads(self) -> int:
+        """gunicorn threads per worker: ``threads``, or enough that the engines' 429 comes before the pool is full.
+
+        Every model admits ``max_batch + max_waiting`` requests; beyond that a request gets an
+        immediate 429, which needs a free thread to be sent. With exactly as many threads as
+        admitted requests, surplus requests waited unseen in the pool's queue instead (40
+        concurrent streams: no 429, answers after up to 41 s, /health timed out for ~27 s).
+        """
+        return self.threads or len(self.models) * (self.max_batch + self.max_waiting) + SPARE_THREADS
 
     @property
     def engine(self) -> EngineOptions:
@@ -177,7 +193,11 @@ def _validated(settings: Settings) -> Settings:
             if alias in seen:
                 raise ConfigError(f"name {alias!r} is used by both {seen[alias]!r} and {model.name!r}")
             seen[alias] = model.name
-    for key in ("workers", "threads", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
+    if settings.threads is not None and settings.threads < 1:
+        raise ConfigError("threads must be at least 1")
+    if settings.read_timeout <= 0:
+        raise ConfigError("read_timeout must be more than 0")
+    for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies"):

@@ -73,11 +73,11 @@ class Server:
 
 
 @contextmanager
-def serving(tmp: Path, model_entry: str) -> Iterator[Server]:
+def serving(tmp: Path, model_entry: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """gunicorn serving one model, described by a ``[[models]]`` entry, from a config file of its own."""
     config = tmp / "models.toml"
     config.write_text(f"[[models]]\n{model_entry}")
-    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache")})
+    server = Server(tmp, {"FAUXPILOT_CONFIG": str(config), "FAUXPILOT_CACHE_DIR": str(tmp / "cache"), **(env or {})})
     try:
         server.wait_ready(120)
         yield server
@@ -85,7 +85,7 @@ def serving(tmp: Path, model_entry: str) -> Iterator[Server]:
         server.stop()
 
 
-def serving_tiny_model(model_dir: Path, tmp: Path):
-    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex)."""
+def serving_tiny_model(model_dir: Path, tmp: Path, env: dict[str, str] | None = None):
+    """gunicorn serving the tiny model as `tiny` (aliases codegen, copilot-codex); ``env`` adds settings."""
     return serving(tmp, f'name = "tiny"\naliases = ["codegen", "copilot-codex"]\nsource = "{model_dir}"\n'
-                        'dtype = "float32"\ncontext_length = 256\n')
+                        'dtype = "float32"\ncontext_length = 256\n', env)

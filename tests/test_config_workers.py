@@ -51,7 +51,9 @@ def test_defaults(config_file):
     """A file with only models gets the documented server and model defaults."""
     settings = load_settings(environ=config_file())
     assert settings.bind == "127.0.0.1:5000"  # the network only when asked for
-    assert (settings.workers, settings.threads, settings.timeout) == (1, 16, 120)
+    assert (settings.workers, settings.threads, settings.timeout) == (1, None, 120)
+    # Threads beyond the engines' admission (8 + 8 each), so their 429 is reached before the pool is full.
+    assert settings.connection_threads == len(settings.models) * (8 + 8) + 8 and settings.read_timeout == 10.0
     assert settings.device == "auto" and settings.torch_threads is None
     assert settings.api_keys == () and settings.debug is False
     assert settings.max_waiting == 8 and settings.prefix_cache is True
