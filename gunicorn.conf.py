@@ -11,6 +11,9 @@ from config import load_settings
 # Metrics: each worker writes its values to files in this folder and /metrics sums them
 # (prometheus-client's multiprocess mode). It must be set before any worker imports the app.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fauxpilot-metrics-"))
+# Reload hand-over: the master numbers reloads and workers mark themselves ready here (app/workers.py).
+# Kept in the environment because gunicorn re-reads this file on every reload.
+os.environ.setdefault("FAUXPILOT_RUN_DIR", tempfile.mkdtemp(prefix="fauxpilot-run-"))
 
 _settings = load_settings()
 
@@ -47,10 +50,20 @@ loglevel = "debug" if _settings.debug else "info"
 # Server hooks
 
 def pre_fork(server, worker):
-    """Give the new worker the lowest slot no live worker holds (stable across restarts)."""
-    from app.workers import free_slot
+    """Give the new worker the lowest slot no live worker holds (stable across restarts) and its generation."""
+    from app.workers import Generations, free_slot
 
     worker.slot = free_slot(w.slot for w in server.WORKERS.values())
+    worker.generations = Generations(os.environ["FAUXPILOT_RUN_DIR"])
+    worker.generation = worker.generations.current()
+
+
+def on_reload(server):
+    """A reload (HUP) starts a new generation: old workers serve until it is ready."""
+    from app.workers import Generations
+
+    generation = Generations(os.environ["FAUXPILOT_RUN_DIR"]).advance()
+    server.log.info("reload: starting worker generation %d", generation)
 
 
 def on_starting(server):
@@ -62,10 +75,12 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    """Retire a dead worker's live gauges (its counters still count)."""
+    """Retire a dead worker's live gauges (its counters still count) and its readiness."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    if getattr(worker, "generations", None) is not None:
+        worker.generations.forget(worker.pid)
 
 
 def post_fork(server, worker):
@@ -76,3 +91,4 @@ def post_fork(server, worker):
     server.log.info("worker %s takes slot %d", worker.pid, worker.slot)
     worker.read_timeout = _settings.read_timeout
     prepare_worker(app, worker.slot, worker.tmp.notify)
+    worker.generations.mark_ready(worker.pid, worker.generation)

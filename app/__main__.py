@@ -3,6 +3,7 @@
     python -m app complete "def fibonacci(n):" --max-tokens 48 --debug
     python -m app models
     python -m app prepare          # convert/download every configured model now
+    python -m app prepare --verify # ... and hash every byte of the converted copies
     python -m app bench            # time to first token and tokens/s on this machine
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from config import ConfigError, Settings, load_settings
+from config import ConfigError, ModelConfig, Settings, load_settings
 
 log = logging.getLogger("app.cli")
 
@@ -52,10 +53,34 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
-    """Load every configured model once (converting GGUF files into the cache)."""
-    for model in settings.models:
-        _engine(settings, model.name)
-    return 0
+    """Load every configured model once (converting GGUF files into the cache); --verify hashes every byte."""
+    if not args.verify:
+        for model in settings.models:
+            _engine(settings, model.name)
+        return 0
+    statuses = [_verify(settings, model) for model in settings.models]
+    if "failed" in statuses:
+        return 1
+    # Repaired damage still exits non-zero, so a cron job or deploy script notices a failing disk.
+    return 3 if "re-converted" in statuses else 0
+
+
+def _verify(settings: Settings, model: ModelConfig) -> str:
+    """Check every byte of (or convert) one model's copy, load it, print ok / converted / re-converted / failed."""
+    from app.engine.loader import ModelLoadError, load_engine, prepare_copy, resolve_source
+
+    try:
+        source = resolve_source(model)
+        status, where = "ok", f"{source.location} (not a converted GGUF: nothing to hash)"
+        if source.gguf_file:
+            folder, status = prepare_copy(source, settings.cache_dir, full=True)
+            where = str(folder)
+        load_engine(model, settings)  # the copy must also load, as a worker would load it
+    except ModelLoadError as exc:
+        print(f"{model.name}\tfailed\t{exc}")
+        return "failed"
+    print(f"{model.name}\t{status}\t{where}")
+    return status
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -88,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     complete.set_defaults(func=cmd_complete)
 
     sub.add_parser("models", help="list configured models").set_defaults(func=cmd_models)
-    sub.add_parser("prepare", help="load/convert every configured model").set_defaults(func=cmd_prepare)
+    prepare = sub.add_parser("prepare", help="load/convert every configured model")
+    prepare.add_argument("--verify", action="store_true",
+                         help="hash every byte of each converted copy, re-converting damaged ones; print one line "
+                              "per model; exit 1 if a model failed, 3 if a copy was damaged and re-converted")
+    prepare.set_defaults(func=cmd_prepare)
 
     bench = sub.add_parser("bench", help="time to first token and tokens/s")
     bench.add_argument("--model")

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 from gunicorn import util as gunicorn_util
@@ -142,10 +143,60 @@ def request_read() -> bool:
     return bool(token and deadlines and deadlines.disarm(token))
 
 
-class Worker(ThreadWorker):
-    """gunicorn's gthread worker with a deadline on reading each request and JSON error replies."""
+class Generations:
+    """Reload hand-over, in a folder the master and its workers share.
 
-    read_timeout = 10.0  # post_fork sets the configured value
+    gunicorn's reload (HUP) forks new workers and stops the old ones at once, before the new
+    ones have loaded their models: nothing answered for ~37 s with the default model. Here
+    the master numbers each reload (a generation), every worker marks itself ready once its
+    models are loaded and warm, and an old worker asked to stop goes on serving until the
+    new generation has as many ready workers as configured.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def current(self) -> int:
+        """The newest generation (0 before any reload)."""
+        try:
+            return int((self.folder / "generation").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def advance(self) -> int:
+        """Start a new generation (the master, on reload); return its number."""
+        generation = self.current() + 1
+        (self.folder / "generation").write_text(str(generation))
+        return generation
+
+    def mark_ready(self, pid: int, generation: int) -> None:
+        """Worker ``pid`` of ``generation`` serves from now on."""
+        (self.folder / f"ready-{pid}").write_text(str(generation))
+
+    def forget(self, pid: int) -> None:
+        """Worker ``pid`` is gone."""
+        (self.folder / f"ready-{pid}").unlink(missing_ok=True)
+
+    def ready(self, generation: int) -> int:
+        """How many workers of ``generation`` or newer are ready."""
+        count = 0
+        for marker in self.folder.glob("ready-*"):
+            try:
+                count += int(marker.read_text()) >= generation
+            except (OSError, ValueError):  # a marker being written or removed right now
+                pass
+        return count
+
+
+class Worker(ThreadWorker):
+    """gunicorn's gthread worker with a deadline on reading each request, JSON error replies, and a
+    reload hand-over: it stops only once its replacements are ready."""
+
+    read_timeout = 10.0  # post_fork sets the configured values
+    generation = 0
+    generations: Generations | None = None
+    _handing_over = False
 
     def init_process(self) -> None:
         """Start the read-deadline watchdog, then run as gthread does."""
@@ -165,6 +216,25 @@ class Worker(ThreadWorker):
             return super().handle(conn)
         finally:
             request_read()
+
+    def handle_exit(self, sig, frame) -> None:
+        """Stop gracefully; when a reload replaces this worker, first wait until the new workers serve."""
+        newest = self.generations.current() if self.generations else 0
+        if newest <= self.generation:
+            super().handle_exit(sig, frame)
+        elif not self._handing_over:  # the master repeats its SIGTERM while this worker lingers
+            self._handing_over = True
+            threading.Thread(target=self._hand_over, args=(newest, sig, frame), name="hand-over",
+                             daemon=True).start()
+
+    def _hand_over(self, newest: int, sig, frame) -> None:
+        """Serve on until the newest generation is ready (at most the worker timeout), then stop."""
+        deadline = time.monotonic() + max(self.cfg.timeout, 60)
+        while self.generations.ready(newest) < self.cfg.workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log.info("worker %d hands over to generation %d (%d ready)", self.pid, newest,
+                 self.generations.ready(newest))
+        super().handle_exit(sig, frame)
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:

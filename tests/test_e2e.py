@@ -151,3 +151,42 @@ def test_seed_request_json_as_curl_sends_it(server):
     assert choice["text"] and "\n" not in choice["text"]  # stop ["\n"] honoured
     assert choice["finish_reason"] in ("stop", "length")
     assert result["usage"]["prompt_tokens"] == 11
+
+
+def test_reload_hands_over_without_a_gap(server):
+    """HUP (systemctl reload) under load: the old worker serves until the new one has loaded the model,
+    so no request fails and none waits for a model load; then the old worker leaves."""
+    import threading
+
+    (old,) = server.worker_pids()
+    stop, results = threading.Event(), []
+
+    def keep_asking(method: str, path: str, body: dict | None) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status = server.request(method, path, body)[0]
+            except OSError as exc:
+                status = repr(exc)
+            results.append((path, status, time.monotonic() - started))
+
+    completion = {"prompt": "def add(a, b):\n", "max_tokens": 4, "temperature": 0}
+    askers = [threading.Thread(target=keep_asking, args=("GET", "/health", None)),
+              threading.Thread(target=keep_asking, args=("POST", "/v1/completions", completion))]
+    for asker in askers:
+        asker.start()
+    time.sleep(1)
+    os.kill(server.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (old in server.worker_pids() or not server.worker_pids()):
+        time.sleep(0.2)
+    time.sleep(1)
+    stop.set()
+    for asker in askers:
+        asker.join(60)
+    assert len(results) > 20 and all(status == 200 for _, status, _ in results), \
+        [r for r in results if r[1] != 200][:5]
+    worst = max(seconds for _, _, seconds in results)
+    assert worst < 3, f"a request waited {worst:.1f} s during the reload"
+    log = server.log_path.read_text()
+    assert old not in server.worker_pids() and "hands over to generation 1 (1 ready)" in log, log[-3000:]

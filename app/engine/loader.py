@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -120,8 +121,12 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "w")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write to the cache folder {path.parent}: {exc.strerror or exc}") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # workers starting together convert only once
         try:
             yield
@@ -129,48 +134,224 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def converted_gguf(source: ResolvedSource, cache_dir: Path) -> Path:
-    """A safetensors copy of a GGUF model in ``cache_dir``, converting it on first use.
+# -- converted GGUF copies and their manifest --------------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# The fast check at every start hashes SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes spread
+# evenly over each file, the first and last block included; files up to 4 MiB are hashed whole.
+# A damaged run of bytes escapes the samples only if it fits between two of them, i.e. if
+# it is shorter than stride - block = (size - 4096) / 1023 - 4096.  For a 500 MB file that
+# is 484,658 bytes, so any overwrite of 1 MB (or even 0.5 MB) is caught; for SmolLM2-135M's
+# 538 MB copy it is 521,916 bytes.  The check reads 1024 x 4 KiB = 4 MiB (0.8 % of 500 MB),
+# milliseconds against the seconds a load takes.  The bound grows with the file (a 5 GB file:
+# runs under ~4.9 MB can slip through); single flipped bits are left to `prepare --verify`.
+# A change made through the file system also moves the file's mtime, which makes the fast
+# check hash that file whole, so only silent corruption (disk, mtime reset) relies on samples.
+SAMPLE_BLOCK = 4096
+SAMPLE_BLOCKS = 1024
+
+
+def sample_offsets(size: int, block: int = SAMPLE_BLOCK, blocks: int = SAMPLE_BLOCKS) -> list[int]:
+    """Where the fast check reads ``block``-byte samples in a file of ``size`` bytes ([]: it hashes it all)."""
+    if size <= block * blocks:
+        return []
+    last = size - block
+    return [i * last // (blocks - 1) for i in range(blocks)]
+
+
+def _full_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _sample_digest(path: Path, size: int, block: int = SAMPLE_BLOCK, blocks: int = SAMPLE_BLOCKS) -> str:
+    offsets = sample_offsets(size, block, blocks)
+    if not offsets:
+        return _full_digest(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for offset in offsets:
+            digest.update(os.pread(handle.fileno(), block, offset))
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` by renaming a flushed temporary file over it."""
+    # The temporary file lives one folder up: a worker checking the copy meanwhile must not see a stray file.
+    with tempfile.NamedTemporaryFile("w", dir=path.parent.parent, prefix=f".{path.name}-", delete=False) as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.replace(handle.name, path)
+    except OSError:
+        os.unlink(handle.name)
+        raise
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of ``folder`` (size, mtime, sha256 of all bytes and of the samples) in its manifest."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == MANIFEST:  # an older manifest is replaced, not listed
+            continue
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())  # the data reaches the disk before the manifest vouches for it
+        stat = path.stat()
+        files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _full_digest(path),
+                            "sample_sha256": _sample_digest(path, stat.st_size)}
+    manifest = {"version": MANIFEST_VERSION, "sample_block": SAMPLE_BLOCK, "sample_blocks": SAMPLE_BLOCKS,
+                "files": files}
+    # Written to a hidden temporary name first, so the folder never holds a half-written manifest.
+    _write_json(folder / MANIFEST, manifest)
+
+
+def _read_manifest(folder: Path) -> dict:
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"not a version {MANIFEST_VERSION} manifest")
+    for entry in manifest["files"].values():
+        if not all(isinstance(entry.get(k), t) for k, t in
+                   (("size", int), ("mtime_ns", int), ("sha256", str), ("sample_sha256", str))):
+            raise ValueError(f"malformed entry {entry!r}")
+    return manifest
+
+
+def _file_problem(path: Path, entry: dict, manifest: dict, full: bool) -> str | None:
+    stat = path.stat()
+    if stat.st_size != entry["size"]:
+        return f"is {stat.st_size} bytes instead of {entry['size']} (truncated or replaced)"
+    if full or stat.st_mtime_ns != entry["mtime_ns"]:
+        if _full_digest(path) != entry["sha256"]:
+            return "differs from the converted file (sha256 of every byte)"
+        return None
+    if _sample_digest(path, stat.st_size, manifest["sample_block"], manifest["sample_blocks"]) \
+            != entry["sample_sha256"]:
+        return "differs from the converted file (sampled blocks)"
+    return None
+
+
+def _refresh_mtimes(folder: Path, manifest: dict) -> None:
+    """Record new mtimes of files whose content hashed unchanged (a copied cache), so later starts sample again."""
+    moved = {}
+    try:
+        for name, entry in manifest["files"].items():
+            mtime = (folder / name).stat().st_mtime_ns
+            if mtime != entry["mtime_ns"]:
+                moved[name] = entry["mtime_ns"] = mtime
+        if moved:
+            _write_json(folder / MANIFEST, manifest)
+            log.info("%s: %s changed modification time but not content; manifest updated", folder, ", ".join(moved))
+    except OSError as exc:  # a read-only cache still works; such files are only hashed whole again next time
+        log.warning("cannot update %s: %s", folder / MANIFEST, exc)
+
+
+def check_copy(folder: Path, full: bool = False) -> str | None:
+    """What is wrong with a converted copy, or None when it matches its manifest (``full``: hash every byte)."""
+    try:
+        manifest = _read_manifest(folder)
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (converted by an older version, or the conversion did not finish)"
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        return f"its {MANIFEST} is unreadable ({exc})"
+    files = manifest["files"]
+    unexpected = sorted(set(os.listdir(folder)) - set(files) - {MANIFEST})
+    if unexpected:
+        return f"it holds files the conversion did not write: {', '.join(unexpected)}"
+    for name, entry in files.items():
+        try:
+            problem = _file_problem(folder / name, entry, manifest, full)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        if problem:
+            return f"{name} {problem}"
+    _refresh_mtimes(folder, manifest)
+    return None
+
+
+def _source_digest(gguf: Path) -> str:
+    try:
+        stat = gguf.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc.strerror or exc}") from None
+    return hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _write_conversion(source: ResolvedSource, folder: Path) -> None:
+    """Dequantize the GGUF model into safetensors files in ``folder``, then write their manifest last."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    # save_pretrained refuses GGUF-quantized models; the dequantized weights are plain tensors.
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+    write_manifest(folder)  # last: a folder without a manifest is an unfinished or older conversion
+
+
+def _convert(source: ResolvedSource, target: Path, problem: str | None) -> None:
+    """Convert into a staging folder, then put it at ``target`` in one rename (replacing a damaged copy)."""
+    gguf = Path(source.location) / source.gguf_file
+    log.info("converting %s to safetensors in %s (once; later starts load the copy)", gguf, target)
+    started = time.perf_counter()
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        _write_conversion(source, staging)
+        if target.exists():
+            # Moved aside first: other workers see the old folder, no folder, or the new one, never a half-deleted one.
+            os.replace(target, staging.with_name(staging.name + "-damaged"))
+        os.replace(staging, target)
+    except Exception as exc:  # transformers, gguf and the file system raise many kinds; each means no usable copy
+        if problem is None:
+            raise ModelLoadError(f"cannot convert {gguf} into {target}: {exc}") from exc
+        raise ModelLoadError(f"the converted copy {target} is damaged: {problem}; converting {gguf} again "
+                             f"failed: {exc}; delete {target}, check the GGUF file and start again") from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging.with_name(staging.name + "-damaged"), ignore_errors=True)
+    log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
+
+
+def prepare_copy(source: ResolvedSource, cache_dir: Path, full: bool = False,
+                 damaged: str | None = None) -> tuple[Path, str]:
+    """The checked safetensors copy of a GGUF model and what was done: ``ok``, ``converted`` or ``re-converted``.
 
     transformers dequantizes GGUF tensors on every load, which takes seconds to
-    minutes; the safetensors folder loads in a fraction of that.
+    minutes; the safetensors folder loads in a fraction of that.  ``full`` hashes
+    every byte instead of the fast check; ``damaged`` says why a copy that passed
+    the check failed to load, which forces a new conversion.
     """
     gguf = Path(source.location) / source.gguf_file
-    stat = gguf.stat()
-    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{gguf.stem}-{digest}"
-    if (target / "config.json").is_file():
-        return target
-    with _file_lock(cache_dir / f".{target.name}.lock"):
-        if (target / "config.json").is_file():
-            return target
-        from safetensors.torch import save_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.info("converting %s to safetensors in %s (once; later starts load the copy)", gguf, target)
-        started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
-        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
-        try:
-            # save_pretrained refuses GGUF-quantized models; the dequantized weights are plain tensors.
-            model.config.save_pretrained(staging)
-            model.generation_config.save_pretrained(staging)
-            save_model(model, str(staging / "model.safetensors"))
-            tokenizer.save_pretrained(staging)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - started)
-    return target
+    target = cache_dir / f"{gguf.stem}-{_source_digest(gguf)}"
+    if damaged is None and target.is_dir() and check_copy(target, full) is None:
+        return target, "ok"
+    with _file_lock(cache_dir / f".{target.name}.lock"):  # one worker converts; the others then find its copy
+        if not target.is_dir():
+            _convert(source, target, None)
+            return target, "converted"
+        problem = damaged or check_copy(target, full)
+        if problem is None:
+            return target, "ok"
+        log.warning("the converted copy %s is damaged: %s; converting %s again", target, problem, gguf)
+        _convert(source, target, problem)
+        return target, "re-converted"
 
 
-def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, dtype: str):
-    """Load (model, tokenizer) for a config entry onto ``device`` in ``dtype`` (a resolved name)."""
+def converted_gguf(source: ResolvedSource, cache_dir: Path) -> Path:
+    """A safetensors copy of a GGUF model in ``cache_dir``, checked, and converted on first use or when damaged."""
+    return prepare_copy(source, cache_dir)[0]
+
+
+def _load_folder(config: ModelConfig, location: str, device: torch.device, dtype: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    source = resolve_source(config)
-    location = str(converted_gguf(source, cache_dir)) if source.gguf_file else source.location
     options = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     started = time.perf_counter()
     try:
@@ -178,7 +359,7 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
         weights = torch.float32 if dtype == "int8" else getattr(torch, dtype)
         auto_class = AutoModelForSeq2SeqLM if config.kind == "seq2seq" else AutoModelForCausalLM
         model = auto_class.from_pretrained(location, dtype=weights, **options)
-    except OSError as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or garbled files (JSON, safetensors)
         raise ModelLoadError(f"model {config.name!r}: cannot load {location!r}: {exc}") from exc
     model.to(device).eval()
     if dtype == "int8":
@@ -186,6 +367,24 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
     log.info("loaded %s from %s on %s as %s in %.1f s", config.name, location, device, dtype,
              time.perf_counter() - started)
     return model, tokenizer
+
+
+def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, dtype: str):
+    """Load (model, tokenizer) for a config entry onto ``device`` in ``dtype`` (a resolved name)."""
+    source = resolve_source(config)
+    if not source.gguf_file:
+        return _load_folder(config, source.location, device, dtype)
+    folder = converted_gguf(source, cache_dir)
+    try:
+        return _load_folder(config, str(folder), device, dtype)
+    except ModelLoadError as exc:
+        # The copy passed its check yet does not load: convert it again, once (prepare_copy logs why).
+        folder, _ = prepare_copy(source, cache_dir, damaged=str(exc.__cause__ or exc))
+    try:
+        return _load_folder(config, str(folder), device, dtype)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc} (even after converting it again; delete {folder} and check the GGUF file)") \
+            from exc.__cause__
 
 
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
