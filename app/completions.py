@@ -181,8 +181,10 @@ def _read_body() -> bytes:
 
 def _complete(engine_name: str | None, chat_deltas: bool = False):
     body = parse_completion_request(decode_json_body(_read_body(), request.mimetype or ""))
-    engine = get_engines().get(engine_name or body.model)
-    run = start_completion(engine, body, current_app.config["FAUXPILOT"], g.record, client_gone_probe(request.environ))
+    engines = get_engines()
+    engine = engines.get(engine_name or body.model)
+    run = start_completion(engine, body, current_app.config["FAUXPILOT"], g.record, client_gone_probe(request.environ),
+                           engines.stopping)
     if not body.stream:
         return jsonify(whole_completion(run))
     response = Response(EventStream(run, chat_deltas), mimetype="text/event-stream")

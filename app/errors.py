@@ -67,6 +67,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     engine.UnknownModel: Answer(404, code="model_not_found"),
     engine.EngineBusy: Answer(429, "rate_limit_error", "server_busy", retry_after=True),
     engine.RequestTimedOut: Answer(503, "server_error", "request_timeout", retry_after=True),
+    engine.ServerStopping: Answer(503, "server_error", "server_shutting_down", retry_after=True),
     engine.ModelUnavailable: Answer(503, "server_error", "model_unavailable"),
 }
 SERVER_FAULT = Answer(500, "server_error")

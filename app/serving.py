@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import threading
 import time
 from contextlib import closing
 from typing import Callable, Iterator
@@ -68,14 +69,15 @@ def check_limits(body: CompletionRequest, settings: Settings) -> None:
 
 
 def start_completion(engine: Engine, body: CompletionRequest, settings: Settings, record: RequestRecord,
-                     client_gone: Callable[[], bool] | None = None) -> CompletionRun:
+                     client_gone: Callable[[], bool] | None = None,
+                     stopping: threading.Event | None = None) -> CompletionRun:
     """Check, prepare every prompt and take a place in the engine: every refusal is raised here, before any reply."""
     check_limits(body, settings)
     record.engine = engine
     requests = [engine.prepare(prompt, body.params, suffix=body.suffix, n=body.n, best_of=body.best_of,
                                echo=body.echo, request_id=record.request_id) for prompt in body.prompts]
     timeout = settings.request_timeout
-    watch = Watch(client_gone, time.monotonic() + timeout if timeout else None)
+    watch = Watch(client_gone, time.monotonic() + timeout if timeout else None, stopping)
     return CompletionRun(engine, body, requests, engine.admit(), watch, record)
 
 

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # connections then held every thread in turn and delayed other requests by about 70 s
 # (0.5 s still cost 7.5 s with 12 threads).
 FIRST_BYTES_WAIT = 0.0
+# Seconds before gunicorn's graceful_timeout at which running streams are ended with an error
+# event: enough for the request threads (they look every 50 ms) to send it and close.
+STREAM_STOP_MARGIN = 2.0
 
 
 def free_slot(taken: Iterable[int]) -> int:
@@ -221,7 +224,7 @@ class Worker(ThreadWorker):
         """Stop gracefully; when a reload replaces this worker, first wait until the new workers serve."""
         newest = self.generations.current() if self.generations else 0
         if newest <= self.generation:
-            super().handle_exit(sig, frame)
+            self._stop(sig, frame)
         elif not self._handing_over:  # the master repeats its SIGTERM while this worker lingers
             self._handing_over = True
             threading.Thread(target=self._hand_over, args=(newest, sig, frame), name="hand-over",
@@ -234,6 +237,20 @@ class Worker(ThreadWorker):
             time.sleep(0.2)
         log.info("worker %d hands over to generation %d (%d ready)", self.pid, newest,
                  self.generations.ready(newest))
+        self._stop(sig, frame)
+
+    def _stop(self, sig, frame) -> None:
+        """Stop accepting; streams still running just before the grace period ends get an error event.
+
+        gunicorn kills the worker at ``graceful_timeout``: a stream cut there looked like a
+        network fault to its client. Ending it a little earlier sends the error and [DONE].
+        """
+        if self.alive:
+            delay = max(self.cfg.graceful_timeout - STREAM_STOP_MARGIN, 0.0)
+            stopping = self.wsgi.extensions["fauxpilot"].stopping
+            timer = threading.Timer(delay, stopping.set)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.gunicorn_server import serving_tiny_model
+from tests.gunicorn_server import serving, serving_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -203,3 +204,20 @@ def test_abandoned_requests_are_logged_as_499(server):
     assert re.search(r"request gone-mid-body POST /v1/completions status=499 ", log), log[-2000:]
     metrics = server.request("GET", "/metrics")[2]
     assert 'status="499"' in metrics
+
+
+def test_streams_running_at_shutdown_end_with_an_error_event(tiny_model_dir, tmp_path):
+    """SIGTERM with a stream running past the grace period: the client gets an error event and [DONE]."""
+    entry = f'name = "tiny"\nsource = "{tiny_model_dir}"\ndtype = "float32"\ncontext_length = 8192\n'
+    with serving(tmp_path, entry, {"GUNICORN_CMD_ARGS": "--graceful-timeout 3"}) as running:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        body = {"prompt": "x = 1", "max_tokens": 4000, "stream": True, "logit_bias": NO_EOS}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: {")
+        started = time.monotonic()
+        running.proc.send_signal(signal.SIGTERM)
+        events = [line.decode().strip() for line in response if line.strip()]
+        assert time.monotonic() - started < 3, "the stream was not ended before the grace period ran out"
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"

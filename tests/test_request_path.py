@@ -81,6 +81,7 @@ def test_row_table_drops_cancelled_requests_whole():
     (engine_errors.EngineBusy("full"), 429, "rate_limit_error", "server_busy", True),
     (engine_errors.RequestTimedOut("too slow"), 503, "server_error", "request_timeout", True),
     (engine_errors.ModelUnavailable("not loaded"), 503, "server_error", "model_unavailable", False),
+    (engine_errors.ServerStopping("bye"), 503, "server_error", "server_shutting_down", True),
     (InvalidRequestError("bad", param="n", code="too_many_sequences"), 400, "invalid_request_error",
      "too_many_sequences", False),
     (AuthenticationError("who are you"), 401, "authentication_error", "invalid_api_key", False),
@@ -205,3 +206,19 @@ def test_a_request_runs_once(engine):
     assert engine.complete(request)[0].completion_tokens == 2
     with pytest.raises(ValueError, match="already run"):
         engine.complete(request)
+
+
+def test_a_stopping_server_ends_running_requests_with_an_error(engine):
+    """Once the worker's stopping event is set, a running request raises ServerStopping and leaves the batch."""
+    from app.engine import Watch
+
+    stopping = threading.Event()
+    bias = tuple((token, -100.0) for token in sorted(engine.preparer.eos_ids))
+    request = engine.prepare(PROMPT, SamplingParams(max_tokens=200, temperature=0.0, logit_bias=bias))
+    deltas = engine.stream(request, Watch(stopping=stopping))
+    next(deltas)
+    stopping.set()
+    with pytest.raises(engine_errors.ServerStopping):
+        for _ in deltas:
+            pass
+    assert request.completion_tokens < 200

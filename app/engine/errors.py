@@ -38,6 +38,10 @@ class RequestTimedOut(EngineError):
     """The request ran past its deadline and was stopped."""
 
 
+class ServerStopping(EngineError):
+    """The server is shutting down and stopped the request before its end."""
+
+
 class UnknownModel(EngineError):
     """A model name or alias that nothing serves."""
 

@@ -31,6 +31,7 @@ class EngineRegistry:
             self.configs.update({name: engine.config for name in engine.config.names})
         self._lock = threading.Lock()
         self.slot = 0
+        self.stopping = threading.Event()  # set when the worker stops: running requests end with an error
 
     @property
     def models(self) -> list[ModelConfig]:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import RequestTimedOut
+from .errors import RequestTimedOut, ServerStopping
 from .healing import Healing
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import Picks, TokenChooser
@@ -28,11 +28,17 @@ DONE = object()  # put on a request's queue after its last deltas
 
 @dataclass(frozen=True)
 class Watch:
-    """What a waiting request thread checks: whether its client went away, and its deadline (monotonic)."""
+    """What a waiting request thread checks: its client went away, its deadline (monotonic), the server stops."""
 
     client_gone: Callable[[], bool] | None = None
     deadline: float | None = None
+    stopping: threading.Event | None = None
     poll_seconds: float = 0.05
+
+    @property
+    def idle(self) -> bool:
+        """Whether there is nothing to check (then a reader just blocks on its queue)."""
+        return self.client_gone is None and self.deadline is None and self.stopping is None
 
 
 @dataclass
@@ -162,7 +168,7 @@ class Request:
         """
         next_check = 0.0
         while True:
-            if watch.client_gone is None and watch.deadline is None:
+            if watch.idle:
                 item = self._out.get()
             else:
                 now = time.monotonic()
@@ -194,4 +200,7 @@ class Request:
             log.warning("[%s] request stopped at the server's time limit", self.id)
             raise RequestTimedOut("The request took longer than this server allows and was stopped; "
                                   "retry, perhaps with a smaller max_tokens.")
+        if watch.stopping is not None and watch.stopping.is_set():
+            self.outcome = "failed"
+            raise ServerStopping("The server is shutting down; retry the request.")
         return False
