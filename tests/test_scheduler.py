@@ -361,3 +361,191 @@ def test_scheduler_fault_fails_the_work_and_keeps_serving(engine, monkeypatch):
         list(engine.stream(engine.prepare(PROMPTS[0], greedy(4))))
     assert alone(engine, engine.prepare(PROMPTS[0], greedy(4)))[0].completion_tokens >= 1
     assert engine.scheduler.load == (0, 0)
+
+
+# -- fair prefill: several prompts fed block by block -------------------------------------
+
+SHORT_PROMPT = "import os\nimport sys\n"  # 8 tokens: one 8-token block
+LONG_PROMPT = SAMPLE_CODE * 2  # 171 tokens: 22 blocks
+
+
+def small_block_engine(tiny_settings, **options):
+    """A tiny engine whose prompts go in 8-token blocks (4 for the tail), so a long prompt takes many blocks."""
+    from app.engine.loader import load_engine
+    from app.engine.runners import CausalRunner
+    from app.engine.scheduler import Scheduler
+
+    engine = load_engine(tiny_settings.models[0], tiny_settings.replace(**options))
+    engine.runner = CausalRunner(engine.model, engine.device, PrefixCache(2**26), big_block=8, small_block=4)
+    engine.scheduler = Scheduler(engine.runner, engine.options.max_batch, engine.scheduler.threads, "small-blocks")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def small_blocks(tiny_settings):
+    """The tiny model with 8-token prompt blocks."""
+    return small_block_engine(tiny_settings)
+
+
+class Blocks:
+    """Wraps the runner's prefills to log whose block each step fed, and to act right after given blocks."""
+
+    def __init__(self, engine, monkeypatch, prompts):
+        self.prompts = [tuple(ids) for ids in prompts]
+        self.fed: list[int] = []  # for each block fed, in order: its prompt's index in ``prompts``
+        self.actions: dict[tuple[int, int], object] = {}  # (prompt index, its n-th block) -> callable
+        real_start = engine.runner.start
+
+        def start(prompt_ids):
+            prefill = real_start(prompt_ids)
+            if tuple(prompt_ids) in self.prompts:
+                prefill.step = self._wrap(prefill.step, self.prompts.index(tuple(prompt_ids)))
+            return prefill
+
+        monkeypatch.setattr(engine.runner, "start", start)
+
+    def _wrap(self, real_step, which: int):
+        def step():
+            done = real_step()
+            self.fed.append(which)
+            action = self.actions.get((which, self.fed.count(which)))
+            if action is not None:
+                action()
+            return done
+
+        return step
+
+    def gaps(self, which: int) -> list[int]:
+        """Blocks fed from the start to this prompt's first block, and between its blocks (both ends counted)."""
+        positions = [-1] + [i for i, fed in enumerate(self.fed) if fed == which]
+        return [b - a for a, b in zip(positions, positions[1:])]
+
+
+def arrive(engine, request, threads: list) -> None:
+    """Stream ``request`` on a new thread and wait until the scheduler has it (from inside a block)."""
+    thread = threading.Thread(target=list, args=(engine.stream(request),))
+    thread.start()
+    threads.append(thread)
+    deadline = time.monotonic() + 30
+    while engine.scheduler.load[1] < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_short_request_is_not_stuck_behind_a_long_prefill(small_blocks, monkeypatch):
+    """An 8-token request arriving mid-prefill gets its first token next; both outputs equal running alone."""
+    engine = small_blocks
+    expected = [alone(engine, engine.prepare(p, no_eos(engine, 8)))[0].text for p in (LONG_PROMPT, SHORT_PROMPT)]
+    engine.forget()
+    long, short = engine.prepare(LONG_PROMPT, no_eos(engine, 8)), engine.prepare(SHORT_PROMPT, no_eos(engine, 8))
+    assert len(short.prompt_ids) == 8 and len(long.prompt_ids) > 20 * 8
+    recorder = Recorder(engine, monkeypatch)
+    blocks, threads = Blocks(engine, monkeypatch, [long.prompt_ids, short.prompt_ids]), []
+    blocks.actions[(0, 3)] = lambda: arrive(engine, short, threads)
+    list(engine.stream(long))
+    threads[0].join(60)
+    assert blocks.fed[:4] == [0, 0, 0, 1]  # the short one's block came right after the block it arrived in
+    long_blocks = [i for i, event in enumerate(recorder.events) if event == ("prefill", len(long.prompt_ids))]
+    first_decode = next(i for i, (kind, _) in enumerate(recorder.events) if kind == "decode")
+    assert sum(i > first_decode for i in long_blocks) >= 15  # it decoded while the long prompt was still being fed
+    assert short.timings.first_token < long.timings.first_token
+    assert [long.results()[0].text, short.results()[0].text] == expected
+    assert engine.scheduler.load == (0, 0)
+
+
+def test_long_prompts_all_progress_and_a_cancelled_one_leaves(small_blocks, monkeypatch):
+    """Three long prompts fed at once each get a block at least every PATIENCE + 3; cancelling one mid-prefill
+    drops it at the next iteration, keeps its fed blocks, and leaves the others' output as it is alone."""
+    from app.engine.scheduler import PATIENCE
+
+    engine = small_blocks
+    texts = [f"# file {i}\n" + LONG_PROMPT for i in range(3)]
+    expected = [alone(engine, engine.prepare(text, no_eos(engine, 6)))[0].text for text in texts]
+    engine.forget()
+    requests = [engine.prepare(text, no_eos(engine, 6)) for text in texts]
+    blocks = Blocks(engine, monkeypatch, [r.prompt_ids for r in requests])
+    blocks.actions[(1, 3)] = requests[1].cancel
+    results = run_together(engine, requests)
+    assert blocks.fed.count(1) == 3  # no block after the one during which it was cancelled
+    for which in (0, 2):
+        assert max(blocks.gaps(which)) <= PATIENCE + 3
+        assert results[which][0].text == expected[which]
+    assert requests[1].results()[0].completion_tokens == 0
+    kept = [entry.ids for entry in engine.runner.prefix_cache.entries.values()]
+    assert tuple(requests[1].prompt_ids[:3 * 8]) in kept
+    assert engine.scheduler.load == (0, 0) and engine.runner.batch.rows == 0
+
+
+def test_prompts_fed_at_once_stay_within_max_rows(tiny_settings, monkeypatch):
+    """Rows are promised to prompts as they start: decoding and prompts being fed never hold more than max_batch."""
+    engine = small_block_engine(tiny_settings, max_batch=2)
+    requests = [engine.prepare(f"# file {i}\n" + LONG_PROMPT, no_eos(engine, 6)) for i in range(4)]
+    recorder, seen = Recorder(engine, monkeypatch), []
+    blocks = Blocks(engine, monkeypatch, [r.prompt_ids for r in requests])
+
+    def look():
+        """Rows decoding and rows promised to the prompts being fed, seen from inside a block."""
+        seen.append((len(engine.scheduler.rows), len(engine.scheduler._prefilling)))
+
+    blocks.actions.update({(i, n): look for i in range(4) for n in (1, 5, 20)})
+    results = run_together(engine, requests)
+    assert max(rows + prefilling for rows, prefilling in seen) == 2 and max(p for _, p in seen) == 2
+    assert recorder.max_rows <= 2 and [r[0].completion_tokens for r in results] == [6] * 4
+    # The last two start only once one of the first two has been fed whole (and has decoded).
+    first_of_others = min(blocks.fed.index(2), blocks.fed.index(3))
+    assert first_of_others > min(len(blocks.fed) - 1 - blocks.fed[::-1].index(i) for i in (0, 1))
+
+
+def test_next_keystroke_waits_for_the_prompt_it_extends(small_blocks, monkeypatch):
+    """A prompt extending one being fed waits for it rather than computing the same blocks beside it, and starts
+    from the blocks it fed when the older request is abandoned."""
+    engine = small_blocks
+    expected = alone(engine, engine.prepare(LONG_PROMPT + "    ", no_eos(engine, 6)))[0].text
+    engine.forget()
+    first = engine.prepare(LONG_PROMPT, no_eos(engine, 6))
+    second = engine.prepare(LONG_PROMPT + "    ", no_eos(engine, 6))
+    blocks, threads = Blocks(engine, monkeypatch, [first.prompt_ids, second.prompt_ids]), []
+    blocks.actions[(0, 3)] = lambda: arrive(engine, second, threads)
+    blocks.actions[(0, 6)] = first.cancel
+    list(engine.stream(first))
+    threads[0].join(60)
+    assert blocks.fed[:6] == [0] * 6 and blocks.fed.count(0) == 6
+    assert second.reused == 6 * 8
+    assert second.results()[0].text == expected
+
+
+def test_scheduler_fault_fails_every_prompt_being_fed(small_blocks, monkeypatch):
+    """A fault in the scheduler's bookkeeping while several prompts are fed fails each of them; serving goes on."""
+    engine = small_blocks
+    scheduler, real_next = engine.scheduler, engine.scheduler._next_prefill
+
+    def broken_next():
+        if len(scheduler._prefilling) == 3:
+            raise RuntimeError("bookkeeping bug")
+        return real_next()
+
+    monkeypatch.setattr(scheduler, "_next_prefill", broken_next)
+    requests = [engine.prepare(f"# file {i}\n" + LONG_PROMPT, greedy(4)) for i in range(3)]
+    errors: list[str] = []
+
+    def consume(request):
+        try:
+            list(engine.stream(request))
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=scheduler.call, args=(lambda: (entered.set(), release.wait(30)),))
+    holder.start()
+    assert entered.wait(30)
+    threads = [threading.Thread(target=consume, args=(request,)) for request in requests]
+    for thread in threads:
+        thread.start()
+    while scheduler.load[1] < 3:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads + [holder]:
+        thread.join(60)
+    assert errors == ["bookkeeping bug"] * 3
+    monkeypatch.setattr(scheduler, "_next_prefill", real_next)
+    assert alone(engine, engine.prepare(SHORT_PROMPT, greedy(4)))[0].completion_tokens >= 1
+    assert scheduler.load == (0, 0) and not scheduler._prefilling
