@@ -288,6 +288,22 @@ def test_growing_cache_layer_appends_like_concatenation():
     assert torch.equal(keys, before)
 
 
+def test_stacked_layer_equals_left_padded_concatenation():
+    """Stacking row blocks of different lengths equals left-padding them with zeros and concatenating,
+    in one copy; appends then grow every row alike, and the sources are left untouched."""
+    from app.engine.kvcache import GrowingLayer
+
+    long_keys, short_keys = torch.randn(2, 2, 7, 4), torch.randn(1, 2, 3, 4)
+    before = short_keys.clone()
+    layer = GrowingLayer.stacked([(long_keys, -long_keys), (short_keys.expand(2, -1, -1, -1), -short_keys)], 7)
+    padded_short = torch.cat([torch.zeros(2, 2, 4, 4), short_keys.expand(2, -1, -1, -1)], dim=2)
+    expected = torch.cat([long_keys, padded_short])
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -torch.cat([long_keys, padded_short]))
+    step = torch.ones(4, 2, 1, 4)
+    keys, _ = layer.update(step, -step)
+    assert torch.equal(keys, torch.cat([expected, step], dim=2)) and torch.equal(short_keys, before)
+
+
 def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):
     """A request whose client left while it waited ends at once, and its prompt is never prefilled."""
     recorder = Recorder(engine, monkeypatch)
