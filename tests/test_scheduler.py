@@ -272,36 +272,35 @@ def test_engine_prefix_cache_budget_under_many_prompts(tiny_settings):
     assert 0 < len(prefix_cache) < 12
 
 
-def test_growing_cache_layer_appends_like_concatenation():
-    """In-place appends give the keys/values torch.cat would, across regrowth, leaving the source untouched."""
-    source = fake_cache(5)
-    keys, values = layer_tensors(source)[0]
-    before = keys.clone()
-    grown = cache_from_tensors(layer_tensors(source), growing=True)
-    expected_keys, expected_values = keys, values
-    for step in range(100):  # past the first capacity: the buffer is reallocated
-        new = torch.full((1, 2, 1, 4), float(step))
-        got_keys, got_values = grown.update(new, -new, 0)
-        expected_keys, expected_values = torch.cat([expected_keys, new], 2), torch.cat([expected_values, -new], 2)
-        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
-    assert grown.get_seq_length() == 105
-    assert torch.equal(keys, before)
+def test_batch_layer_rows_join_and_leave_like_padded_concatenation():
+    """Rows joining (shorter and longer than the batch), decode appends across regrowth and rows leaving
+    give exactly the keys and values of left-padding with zeros and concatenating; sources stay untouched."""
+    from app.engine.kvcache import BatchLayer
 
+    def padded(tensor, length):
+        return torch.cat([tensor.new_zeros(*tensor.shape[:2], length - tensor.shape[2], tensor.shape[3]), tensor], 2)
 
-def test_stacked_layer_equals_left_padded_concatenation():
-    """Stacking row blocks of different lengths equals left-padding them with zeros and concatenating,
-    in one copy; appends then grow every row alike, and the sources are left untouched."""
-    from app.engine.kvcache import GrowingLayer
-
-    long_keys, short_keys = torch.randn(2, 2, 7, 4), torch.randn(1, 2, 3, 4)
-    before = short_keys.clone()
-    layer = GrowingLayer.stacked([(long_keys, -long_keys), (short_keys.expand(2, -1, -1, -1), -short_keys)], 7)
-    padded_short = torch.cat([torch.zeros(2, 2, 4, 4), short_keys.expand(2, -1, -1, -1)], dim=2)
-    expected = torch.cat([long_keys, padded_short])
-    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -torch.cat([long_keys, padded_short]))
-    step = torch.ones(4, 2, 1, 4)
-    keys, _ = layer.update(step, -step)
-    assert torch.equal(keys, torch.cat([expected, step], dim=2)) and torch.equal(short_keys, before)
+    first = torch.randn(2, 2, 5, 4)
+    before = first.clone()
+    layer, expected = BatchLayer(first, -first), first
+    for step in range(120):  # past the first column capacity: the buffers are regrown
+        new = torch.full((expected.shape[0], 2, 1, 4), float(step))
+        keys, values = layer.update(new, -new)
+        expected = torch.cat([expected, new], 2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        if step == 3:  # a shorter row joins, as a view of one row repeated
+            short = torch.randn(1, 2, 3, 4)
+            layer.add_rows(short.expand(2, -1, -1, -1), -short.expand(2, -1, -1, -1))
+            expected = torch.cat([expected, padded(short.expand(2, -1, -1, -1), expected.shape[2])])
+        if step == 50:  # a longer row joins: the others are padded further on the left
+            long = torch.randn(1, 2, expected.shape[2] + 40, 4)
+            layer.add_rows(long, -long)
+            expected = torch.cat([padded(expected, long.shape[2]), long])
+        if step == 80:  # rows leave, and the columns only the longest row used are dropped
+            layer.keep_rows([1, 2], drop_columns=30)
+            expected = expected[[1, 2], :, 30:]
+        assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
+    assert torch.equal(first, before)
 
 
 def test_client_gone_while_queued_cancels_before_prefill(engine, monkeypatch):

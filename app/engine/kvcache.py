@@ -1,4 +1,4 @@
-"""Key/value caches: an LRU of recent prompts' caches under a byte budget, and cache tensor helpers."""
+"""Key/value caches: an LRU of recent prompts' caches under a byte budget, the decode batch's layers, and helpers."""
 from __future__ import annotations
 
 import logging
@@ -51,84 +51,13 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer that writes new positions into spare room instead of copying itself per token.
-
-    transformers' DynamicLayer concatenates, so each decode step copies the layer's
-    whole cache: with a 1000-token prompt that is more bytes than the weights of a
-    small model. Here the buffer grows by half its size when full.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self._key_buffer = self._value_buffer = None
-        self.keys, self.values = keys[:, :, :0], values[:, :, :0]
-        self._append(keys, values)
-
-    @classmethod
-    def stacked(cls, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int) -> "GrowingLayer":
-        """A layer holding ``blocks`` (keys and values, each [rows, heads, len, head_dim]) one under another,
-        right-aligned at ``length`` and zero on the left, copied once into buffers with room to grow.
-
-        Joining a sequence to the decode batch used to pad and concatenate every row (one copy)
-        and then copy that into a growing layer (a second one): with one 3,000-token row in a
-        batch of 8, each join moved ~2 GB and held 3.5× the batch's cache at once.
-        """
-        keys, values = blocks[0]
-        rows = sum(k.shape[0] for k, _ in blocks)
-        capacity = length + max(64, length // 2)
-        # Zeros, not garbage, on the left: a masked position still multiplies its value by 0.
-        key_buffer = keys.new_zeros((rows, keys.shape[1], capacity, keys.shape[3]))
-        value_buffer = values.new_zeros((rows, values.shape[1], capacity, values.shape[3]))
-        row = 0
-        for block_keys, block_values in blocks:
-            count, size = block_keys.shape[0], block_keys.shape[2]
-            key_buffer[row:row + count, :, length - size:length] = block_keys
-            value_buffer[row:row + count, :, length - size:length] = block_values
-            row += count
-        layer = cls.__new__(cls)
-        DynamicLayer.__init__(layer)
-        layer.lazy_initialization(keys, values)
-        layer._key_buffer, layer._value_buffer = key_buffer, value_buffer
-        layer.keys, layer.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
-        return layer
-
-    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        length = self.keys.shape[2]
-        end = length + keys.shape[2]
-        if self._key_buffer is None or end > self._key_buffer.shape[2]:
-            capacity = end + max(64, end // 2)
-            key_buffer = keys.new_empty((*keys.shape[:2], capacity, keys.shape[3]))
-            value_buffer = values.new_empty((*values.shape[:2], capacity, values.shape[3]))
-            key_buffer[:, :, :length] = self.keys
-            value_buffer[:, :, :length] = self.values
-            self._key_buffer, self._value_buffer = key_buffer, value_buffer
-        self._key_buffer[:, :, length:end] = keys
-        self._value_buffer[:, :, length:end] = values
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions; return all keys and values."""
-        self._append(key_states, value_states)
-        return self.keys, self.values
-
-
-def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]], growing: bool = False) -> DynamicCache:
-    """A new DynamicCache over the given per-layer keys and values.
-
-    Plain layers reference the tensors (no copy); ``growing`` layers copy them into
-    buffers with room for the tokens still to come.
-    """
+def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A new DynamicCache over the given per-layer keys and values (referenced, not copied)."""
     cache = DynamicCache()
     for keys, values in tensors:
-        if growing:
-            layer = GrowingLayer(keys, values)
-        else:
-            layer = DynamicLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
         cache.layers.append(layer)
     return cache
 
@@ -220,3 +149,90 @@ class PrefixCache:
         with self._lock:
             self.entries.clear()
             self.nbytes = 0
+
+
+class BatchLayer(DynamicLayer):
+    """One layer of the decode batch's cache: rows that join and leave without copying the others.
+
+    Rows live in buffers with spare rows and columns. Every row ends at the same column
+    (the next token of every row is written there); shorter rows are zero on the left and
+    masked. A joining sequence is written into the next free rows (its own tokens only:
+    before, each join copied the whole batch, ~1 s per join beside one 3,000-token row);
+    a leaving one is overwritten by moving up the rows after it; columns only padding uses
+    are dropped by moving ``start``, without a copy.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        margin = keys.shape[2] // 8
+        self._key_buffer, self._value_buffer = self._allocate(keys, values, keys.shape[0], keys.shape[2], margin)
+        self.rows, self.start = 0, margin + keys.shape[2]
+        self.end = self.start
+        self._refresh()
+        self.add_rows(keys, values)
+
+    @staticmethod
+    def _allocate(keys, values, rows: int, columns: int, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed buffers for at least ``rows`` rows and ``columns`` columns, ``margin`` spare on the left."""
+        row_capacity = max(4, 1 << (rows - 1).bit_length())
+        # A quarter more columns to append into before the buffers move again (every copy is of
+        # the whole batch), and the caller's margin on the left for a longer row to join.
+        column_capacity = margin + columns + max(64, columns // 4)
+        return (keys.new_zeros((row_capacity, keys.shape[1], column_capacity, keys.shape[3])),
+                values.new_zeros((row_capacity, values.shape[1], column_capacity, values.shape[3])))
+
+    def _refresh(self) -> None:
+        self.keys = self._key_buffer[:self.rows, :, self.start:self.end]
+        self.values = self._value_buffer[:self.rows, :, self.start:self.end]
+
+    def _regrow(self, rows: int, length: int) -> None:
+        """Move the rows into buffers for ``rows`` rows of ``length`` columns (an eighth spare on the left)."""
+        margin = length // 8
+        keys, values = self._allocate(self.keys, self.values, rows, length, margin)
+        start = margin + length - (self.end - self.start)
+        keys[:self.rows, :, start:margin + length] = self.keys
+        values[:self.rows, :, start:margin + length] = self.values
+        self._key_buffer, self._value_buffer = keys, values
+        self.start, self.end = start, margin + length
+        self._refresh()
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows ([rows, heads, length, head_dim]; a view such as ``expand`` is fine) ending at ``end``."""
+        count, length = keys.shape[0], keys.shape[2]
+        needed = max(length, self.end - self.start)
+        if self.rows + count > self._key_buffer.shape[0] or length > self.end:
+            self._regrow(self.rows + count, needed)
+        start = min(self.start, self.end - length)
+        # Columns newly inside the window may hold what earlier rows left there.
+        self._key_buffer[:self.rows, :, start:self.start] = 0
+        self._value_buffer[:self.rows, :, start:self.start] = 0
+        new = slice(self.rows, self.rows + count)
+        self._key_buffer[new, :, start:self.end - length] = 0
+        self._value_buffer[new, :, start:self.end - length] = 0
+        self._key_buffer[new, :, self.end - length:self.end] = keys
+        self._value_buffer[new, :, self.end - length:self.end] = values
+        self.rows, self.start = self.rows + count, start
+        self._refresh()
+
+    def keep_rows(self, rows: Sequence[int], drop_columns: int = 0) -> None:
+        """Keep the given rows (ascending), moved up in place; drop the first ``drop_columns`` columns."""
+        self.start += drop_columns
+        for target, source in enumerate(rows):
+            if source != target:  # source > target (ascending): never overwrites a row still to move
+                self._key_buffer[target, :, self.start:self.end] = self._key_buffer[source, :, self.start:self.end]
+                self._value_buffer[target, :, self.start:self.end] = self._value_buffer[source, :, self.start:self.end]
+        self.rows = len(rows)
+        self._refresh()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one position to every row; return all keys and values."""
+        if self.end + key_states.shape[2] > self._key_buffer.shape[2]:
+            self._regrow(self.rows, self.end - self.start + key_states.shape[2])
+        end = self.end + key_states.shape[2]
+        self._key_buffer[:self.rows, :, self.end:end] = key_states
+        self._value_buffer[:self.rows, :, self.end:end] = value_states
+        self.end = end
+        self._refresh()
+        return self.keys, self.values

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
-from .kvcache import GrowingLayer, PrefixCache, block_bounds, layer_tensors
+from .kvcache import BatchLayer, PrefixCache, block_bounds, layer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,6 @@ class CausalPrefill:
             self.runner.prefix_cache.store(self.prompt_ids[:end], self.bounds[:self.fed + 1], self.cache)
 
 
-def _stacked_cache(layers: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], length: int) -> DynamicCache:
-    """A cache whose every layer stacks its blocks of rows, right-aligned at ``length`` (see GrowingLayer.stacked)."""
-    cache = DynamicCache()
-    cache.layers.extend(GrowingLayer.stacked(blocks, length) for blocks in layers)
-    return cache
-
-
 class CausalBatch:
     """Every running sequence of a decoder-only model: one left-padded KV cache, one forward per step.
 
@@ -119,27 +112,28 @@ class CausalBatch:
         return True
 
     def join(self, prefill: CausalPrefill, rows: int) -> None:
-        """Add ``rows`` sequences that continue ``prefill``'s prompt (the batch's cache is copied once)."""
-        # expand() is a view: the prompt's cache is copied once per row, into the new buffers.
+        """Add ``rows`` sequences that continue ``prefill``'s prompt (only their own cache is copied)."""
+        # expand() is a view: the prompt's cache is copied once per row, into the batch's buffers.
         new = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layer_tensors(prefill.cache)]
         new_mask = torch.ones(rows, new[0][0].shape[2], dtype=torch.long, device=self.device)
         if self.mask is None:
-            self.cache, self.mask = _stacked_cache([[layer] for layer in new], new_mask.shape[1]), new_mask
+            self.cache, self.mask = DynamicCache(), new_mask
+            self.cache.layers.extend(BatchLayer(k, v) for k, v in new)
             return
+        for layer, (k, v) in zip(self.cache.layers, new):
+            layer.add_rows(k, v)
         length = max(self.mask.shape[1], new_mask.shape[1])
-        self.cache = _stacked_cache([[old, added] for old, added in zip(layer_tensors(self.cache), new)], length)
         self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(new_mask, length, 1)])
 
     def keep(self, rows: Sequence[int]) -> None:
-        """Keep only the given rows (in this order); drop columns that only padding uses."""
+        """Keep only the given rows (ascending, as the scheduler gives them); drop columns only padding uses."""
         if not rows:
             self.reset()
             return
         mask = self.mask[torch.tensor(rows, device=self.device)]
         start = int(mask.any(0).nonzero()[0])
-        # One view per kept row, so the rows are copied once, straight into the new buffers.
-        self.cache = _stacked_cache([[(k[r:r + 1, :, start:], v[r:r + 1, :, start:]) for r in rows]
-                                     for k, v in layer_tensors(self.cache)], mask.shape[1] - start)
+        for layer in self.cache.layers:
+            layer.keep_rows(rows, drop_columns=start)
         self.mask = mask[:, start:]
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
