@@ -239,6 +239,19 @@ class Worker(ThreadWorker):
                  self.generations.ready(newest))
         self._stop(sig, frame)
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """As gthread does; when stopping, also close this worker's copy of the listening sockets.
+
+        gthread closes them only after its last request: a client connecting meanwhile was
+        queued on a socket nobody accepted from, and hung. Once the master and every worker have
+        closed theirs, it is refused at once and can retry elsewhere (during a reload the new
+        workers hold the socket open and accept).
+        """
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
     def _stop(self, sig, frame) -> None:
         """Stop accepting; streams still running just before the grace period ends get an error event.
 

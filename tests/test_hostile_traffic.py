@@ -207,7 +207,8 @@ def test_abandoned_requests_are_logged_as_499(server):
 
 
 def test_streams_running_at_shutdown_end_with_an_error_event(tiny_model_dir, tmp_path):
-    """SIGTERM with a stream running past the grace period: the client gets an error event and [DONE]."""
+    """SIGTERM with a stream running past the grace period: the client gets an error event and [DONE],
+    and a new connection meanwhile is refused at once instead of hanging."""
     entry = f'name = "tiny"\nsource = "{tiny_model_dir}"\ndtype = "float32"\ncontext_length = 8192\n'
     with serving(tmp_path, entry, {"GUNICORN_CMD_ARGS": "--graceful-timeout 3"}) as running:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
@@ -217,7 +218,15 @@ def test_streams_running_at_shutdown_end_with_an_error_event(tiny_model_dir, tmp
         assert response.status == 200 and response.readline().startswith(b"data: {")
         started = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
+        refused = None  # a new connection during the shutdown is refused at once, not left hanging
+        while refused is None and time.monotonic() - started < 2.5:
+            try:
+                socket.create_connection(("127.0.0.1", running.port), timeout=0.5).close()
+                time.sleep(0.1)
+            except ConnectionRefusedError:
+                refused = time.monotonic() - started
         events = [line.decode().strip() for line in response if line.strip()]
         assert time.monotonic() - started < 3, "the stream was not ended before the grace period ran out"
     assert events[-1] == "data: [DONE]", events[-3:]
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+    assert refused is not None, "a new connection during the shutdown was not refused"
