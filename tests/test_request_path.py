@@ -222,3 +222,29 @@ def test_a_stopping_server_ends_running_requests_with_an_error(engine):
         for _ in deltas:
             pass
     assert request.completion_tokens < 200
+
+
+def test_refused_probes_and_token_requests_are_logged(tiny_settings, engines, caplog):
+    """Probes and scrapes stay quiet when served, but a 401 on /metrics or the token endpoint is logged."""
+    import logging
+
+    from app import create_app
+
+    client = create_app(tiny_settings.replace(api_keys=("secret",)), engines=engines.values()).test_client()
+    caplog.set_level(logging.INFO, logger="app.requests")
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/copilot_internal/v2/token").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer secret"}).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.requests"]
+    assert len(lines) == 2, lines
+    assert "GET /metrics status=401" in lines[0] and "GET /copilot_internal/v2/token status=401" in lines[1]
+    assert all("secret" not in line for line in lines)
+
+
+def test_request_ids_are_kept_only_when_sane(client):
+    """A client's plain request id is echoed; an oversized or odd one is replaced by a fresh one."""
+    kept = client.get("/v1/models", headers={"X-Request-Id": "8a3c1f0e-5b7d-4c2a-9e61-0d4f2b8c7a15"})
+    assert kept.headers["X-Request-Id"] == "8a3c1f0e-5b7d-4c2a-9e61-0d4f2b8c7a15"
+    for odd in ("a" * 8000, "id with spaces", "\x1b[31mred"):
+        replaced = client.get("/v1/models", headers={"X-Request-Id": odd}).headers["X-Request-Id"]
+        assert replaced != odd and len(replaced) == 32
