@@ -86,6 +86,7 @@ class EngineOptions:
     prefix_cache_mb: int = 512
     token_healing: bool = True
     truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
+    time_budget_ms: int = 0  # decoding time after which a completion ends at its next newline (0: none)
     torch_threads: int | None = None  # CPU threads for prompts; None: cores / workers
     decode_threads: int | None = None  # CPU threads while decoding; None: torch_threads - 1
 
@@ -200,7 +201,7 @@ def _validated(settings: Settings) -> Settings:
     for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies"):
+    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings

@@ -292,3 +292,47 @@ def test_dedent_stop_streams_what_it_returns(engine):
     assert state.finish_reason == "stop"
     assert state.text == "    if n < 2:\n        return n\n\n    return f(n - 1)"
     assert "".join(d.text for d in deltas) == state.text
+
+
+# -- TimeBudget ------------------------------------------------------------------
+
+
+def test_time_budget_ends_at_the_next_newline_after_it_passes():
+    """Before the budget nothing ends; after it, the first newline of the newest text ends the line (kept)."""
+    from app.engine.stopping import TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget(1.0, clock=lambda: now[0])
+    assert budget.cut("def f(") is None  # the clock starts at the first token
+    now[0] = 0.5
+    assert budget.cut("def f(x):\n") is None  # a newline inside the budget does not count
+    now[0] = 1.5
+    assert budget.cut("def f(x):\n    return") is None  # past the budget, but no newline yet
+    assert budget.cut("def f(x):\n    return x\n    # more") == len("def f(x):\n    return x\n")
+
+
+def test_stop_condition_with_time_budget_reports_length_and_the_cut():
+    """A budget-ended line is a "length" finish with the text cut after its newline; other stops come first."""
+    from app.engine.stopping import TimeBudget
+
+    now = [0.0]
+    cond = StopCondition(frozenset({EOS}), max_tokens=50, stops=("\n\n",), budget=TimeBudget(1.0, lambda: now[0]))
+    assert cond(42, 1, "x = 1") == (False, None, None)
+    now[0] = 2.0
+    assert cond(42, 2, "x = 1\ny") == (True, "length", len("x = 1\n"))
+    assert cond(EOS, 3, "x") == (True, "stop", None)
+
+
+def test_engine_time_budget_stops_a_completion_early(engine):
+    """With a 1 ms budget, a completion of newlines ends soon after it passes; without one it runs to max_tokens."""
+    from app.engine import SamplingParams
+
+    newline = engine.tokenizer.convert_tokens_to_ids("Ċ")  # byte-level BPE's "\n"
+    bias = ((newline, 100.0),)
+    budgeted = engine.complete(engine.prepare("x = 1", SamplingParams(
+        max_tokens=50, temperature=0.0, logit_bias=bias, time_budget_ms=1)))[0]
+    assert budgeted.finish_reason == "length" and 1 < budgeted.completion_tokens < 50
+    assert budgeted.text == "\n" * budgeted.completion_tokens
+    unbounded = engine.complete(engine.prepare("x = 1", SamplingParams(max_tokens=50, temperature=0.0,
+                                                                       logit_bias=bias)))[0]
+    assert unbounded.completion_tokens == 50

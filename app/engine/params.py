@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     trim_by_indentation: bool = False  # end before a line indented less than the completion's block
+    time_budget_ms: int | None = None  # decoding time after which the text ends at its next newline; None: server's
 
 
 @dataclass(frozen=True)

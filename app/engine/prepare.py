@@ -17,7 +17,7 @@ from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_l
 from .request import Request
 from .sampling import TokenChooser
 from .sequence import IncrementalDetokenizer, SequenceState
-from .stopping import DedentStop, StopCondition
+from .stopping import DedentStop, StopCondition, TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ class Preparer:
         if params.trim_by_indentation:
             last_line = prompt.rpartition("\n")[2]
             dedent = DedentStop(last_line if not last_line.strip() else None)
-        stop = StopCondition(self.eos_ids, params.max_tokens, self.stop_strings + params.stop, dedent)
+        budget_ms = self.options.time_budget_ms if params.time_budget_ms is None else params.time_budget_ms
+        budget = TimeBudget(budget_ms / 1000) if budget_ms > 0 else None
+        stop = StopCondition(self.eos_ids, params.max_tokens, self.stop_strings + params.stop, dedent, budget)
         token_text = self.token_text if params.logprobs is not None else None
         # text_offset counts from the start of the prompt, as OpenAI's does; the healed text is never sent.
         return SequenceState(index, IncrementalDetokenizer(self.decode, context), stop, token_text,
