@@ -87,6 +87,7 @@ class EngineOptions:
     token_healing: bool = True
     truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
     time_budget_ms: int = 0  # decoding time after which a completion ends at its next newline (0: none)
+    answer_cache: int = 64  # recent deterministic answers kept to answer an identical request again (0: none)
     torch_threads: int | None = None  # CPU threads for prompts; None: cores / workers
     decode_threads: int | None = None  # CPU threads while decoding; None: torch_threads - 1
 
@@ -201,7 +202,7 @@ def _validated(settings: Settings) -> Settings:
     for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms"):
+    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms", "answer_cache"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings

@@ -26,7 +26,9 @@ def tiny_settings(tiny_model_dir, tmp_path_factory):
     plain = ModelConfig(name="tiny", source=str(tiny_model_dir), aliases=("codegen", "copilot-codex"),
                         context_length=256, max_tokens=16, dtype="float32")
     fim = dataclasses.replace(plain, name="tiny-fim", aliases=(), fim=FimTemplate.from_tokens(*FIM_TOKENS))
-    return Settings(models=(plain, fim), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    # Tests repeat identical requests to check the prefix cache, the scheduler and faults; the answer
+    # cache would answer the repeats without them, so it is off here (tests/test_answers.py has it on).
+    return Settings(models=(plain, fim), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu", answer_cache=0)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,8 @@ def zoo_entries(zoo_folders) -> dict[str, ModelConfig]:
 @pytest.fixture(scope="session")
 def zoo_settings(zoo_entries, tmp_path_factory) -> Settings:
     """Settings serving every zoo entry on the CPU."""
-    return Settings(models=tuple(zoo_entries.values()), device="cpu", cache_dir=tmp_path_factory.mktemp("zoo-cache"))
+    return Settings(models=tuple(zoo_entries.values()), device="cpu", cache_dir=tmp_path_factory.mktemp("zoo-cache"),
+                    answer_cache=0)  # repeats must reach the model: they check its prefix cache
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +77,7 @@ def zoo_engines(zoo_entries, zoo_settings) -> dict[str, Engine]:
 def variant(engine: Engine, healing: bool = True, **changes) -> Engine:
     """The same loaded model and tokenizer under a changed config entry (and token healing on or off)."""
     return Engine(dataclasses.replace(engine.config, **changes), engine.model, engine.tokenizer, engine.device,
-                  EngineOptions(token_healing=healing))
+                  EngineOptions(token_healing=healing, answer_cache=0))
 
 
 # -- model card layouts, built by hand --------------------------------------------

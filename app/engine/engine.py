@@ -16,6 +16,7 @@ import torch
 
 from config import EngineOptions, ModelConfig
 
+from .answers import AnswerCache, replay
 from .errors import EngineBusy
 from .kvcache import PrefixCache
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
@@ -71,6 +72,7 @@ class EngineStats:
     cache_misses: int = 0
     cache_bytes: int = 0
     reused_tokens: int = 0  # prompt tokens taken from the prefix cache, in all
+    answer_hits: int = 0  # requests answered again from the answer cache
 
 
 class Engine:
@@ -91,6 +93,7 @@ class Engine:
             self.runner = CausalRunner(self.model, device, cache)
         self.scheduler = Scheduler(self.runner, options.max_batch, threads, config.name)
         self.admission = Admission(options.max_batch + options.max_waiting)
+        self.answers = AnswerCache(options.answer_cache)
 
     @property
     def name(self) -> str:
@@ -131,13 +134,27 @@ class Engine:
         if request.params.max_tokens == 0:
             yield from request.skip()
             return
+        key = self.answers.key(request)
+        answer = self.answers.get(key) if key is not None else None
+        if answer is not None:
+            log.info("[%s] %s: the same request was answered lately: its answer is sent again", request.id, self.name)
+            yield from replay(request, answer)
+            return
+        yield from self._generate(request, watch, key)
+
+    def _generate(self, request: Request, watch: Watch, key) -> Iterator[Delta]:
+        """The request through the scheduler; a finished deterministic one is kept in the answer cache."""
+        sent: list[Delta] = []
         self.scheduler.submit(request)
         try:
             for deltas in request.deltas(watch):
+                sent.extend(deltas)
                 yield from deltas
         finally:
             request.cancel()  # a no-op once it is finished
             self._log_timing(request)
+        if key is not None and request.outcome == "done":
+            self.answers.put(key, request, sent)
 
     def complete(self, request: Request, watch: Watch = Watch()) -> list[SequenceResult]:
         """Run a prepared request to its end and return each returned sequence whole."""
@@ -150,7 +167,8 @@ class Engine:
         running, waiting = self.scheduler.load
         cache = getattr(self.runner, "prefix_cache", None)
         cached = (cache.hits, cache.misses, cache.nbytes) if cache is not None else (0, 0, 0)
-        return EngineStats(running, waiting, self.admission.count, *cached, self.scheduler.reused_tokens)
+        return EngineStats(running, waiting, self.admission.count, *cached, self.scheduler.reused_tokens,
+                           self.answers.hits)
 
     # -- upkeep ------------------------------------------------------------------------
 
@@ -163,8 +181,9 @@ class Engine:
         self.forget()
 
     def forget(self) -> None:
-        """Drop the cached prompts (between requests, on the scheduler's thread)."""
+        """Drop the cached prompts and answers (between requests, on the scheduler's thread)."""
         self.scheduler.call(self.runner.forget)
+        self.answers.clear()
 
     # -- echo and logs -------------------------------------------------------------------
 
