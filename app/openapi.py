@@ -18,9 +18,11 @@ ERRORS = {
     "400": "Invalid request: malformed body, a field out of range (`param` names it), context or server limits",
     "401": "Missing or wrong API key (when keys are configured)",
     "404": "Unknown model or engine",
-    "413": "Request body too large",
+    "408": "The request body did not arrive within the server's read timeout",
+    "413": "Request body too large (chunked bodies included)",
     "429": "Too many requests in progress on this worker; see Retry-After",
-    "503": "Model unavailable, or the request ran past the server's time limit; see Retry-After",
+    "503": "Model unavailable, the request ran past the server's time limit, or the server is shutting down; "
+           "see Retry-After",
 }
 
 
