@@ -70,8 +70,8 @@ def _tag(response: Response) -> Response:
     record = g.get("record")
     if record is None or (request.endpoint in QUIET_ENDPOINTS and response.status_code < 400):
         return response
-    if response.is_streamed:
-        response.response = record.finish_after(response.response, response.status_code)
+    if response.is_streamed:  # written when the server closes the stream: after its last byte, or a hang-up
+        response.call_on_close(lambda status=response.status_code: record.finish(status))
     else:
         record.finish(response.status_code)
     return response
@@ -169,11 +169,11 @@ def _read_body() -> bytes:
     except Exception as exc:  # gunicorn's chunk parser: not valid chunked encoding
         data, malformed = b"", exc
     if request_read():
-        raise ReadTimedOut("The request body did not arrive in time.", "request_read_timeout")
+        raise ReadTimedOut("The request body did not arrive in time.", code="request_read_timeout")
     if malformed is not None:
-        raise BodyError("The request body is not valid chunked encoding.", "invalid_body") from malformed
+        raise BodyError("The request body is not valid chunked encoding.", code="invalid_body") from malformed
     if data is None or (declared is not None and len(data) < declared):
-        raise ClientGone("The client closed the connection while sending its body.", "client_closed_request")
+        raise ClientGone("The client closed the connection while sending its body.", code="client_closed_request")
     if len(data) > limit:
         raise RequestEntityTooLarge()
     return data

@@ -23,12 +23,8 @@ class AuthenticationError(Exception):
         self.message, self.param, self.code = message, None, None
 
 
-class BodyError(Exception):
-    """A request body that could not be read whole; ``code`` says why."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.message, self.param, self.code = message, None, code
+class BodyError(InvalidRequestError):
+    """A request body that could not be read whole (HTTP 400 unless a subclass says otherwise); ``code`` says why."""
 
 
 class ReadTimedOut(BodyError):
@@ -59,7 +55,6 @@ class Answer:
 ANSWERS: dict[type[Exception], Answer] = {
     InvalidRequestError: Answer(400),
     AuthenticationError: Answer(401, "authentication_error", "invalid_api_key"),
-    BodyError: Answer(400),
     ReadTimedOut: Answer(408),
     ClientGone: Answer(499),
     engine.PromptTooLong: Answer(400, code="context_length_exceeded"),

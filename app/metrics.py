@@ -10,7 +10,6 @@ import logging
 import re
 import time
 import uuid
-from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -119,27 +118,3 @@ class RequestRecord:
         self.metrics.record(model, status, self.started, self.usage)
         if self.engine is not None:
             self.metrics.observe(model, self.engine.stats())
-
-    def finish_after(self, body: Iterable, status: int) -> "FinishedOnClose":
-        """``body`` (a stream) that writes this record when the server closes it."""
-        return FinishedOnClose(body, lambda: self.finish(status))
-
-
-class FinishedOnClose:
-    """A response body that calls ``on_close`` once, when the server closes it (after the last byte or a hang-up)."""
-
-    def __init__(self, body: Iterable, on_close):
-        self.body, self.on_close = body, on_close
-
-    def __iter__(self) -> Iterator:
-        return iter(self.body)
-
-    def close(self) -> None:
-        """Close the inner body, then call ``on_close``."""
-        on_close, self.on_close = self.on_close, None
-        try:
-            if hasattr(self.body, "close"):
-                self.body.close()
-        finally:
-            if on_close is not None:
-                on_close()

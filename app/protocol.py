@@ -369,8 +369,6 @@ class ModelListSchema(Schema):
 
 
 # Created once: a stream dumps one chunk per generated token.
-_LOGPROBS = LogprobsSchema()
-_USAGE = UsageSchema()
 _COMPLETION = CompletionSchema()
 _ERROR_ENVELOPE = ErrorEnvelopeSchema()
 _MODEL_LIST = ModelListSchema()
@@ -407,17 +405,6 @@ def _usage_source(prompt_tokens: int, completion_tokens: int) -> dict:
     """UsageSchema's source."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def logprobs_object(entries: Iterable[TokenLogprob] | None) -> dict | None:
-    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs, text_offset), or None."""
-    columns = _logprob_columns(entries)
-    return None if columns is None else _LOGPROBS.dump(columns)
-
-
-def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
-    """The ``usage`` block."""
-    return _USAGE.dump(_usage_source(prompt_tokens, completion_tokens))
 
 
 def completion_response(completion_id: str, created: int, model: str, choices: Sequence[ChoiceOut],

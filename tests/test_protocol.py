@@ -19,12 +19,10 @@ from app.protocol import (
     UsageSchema,
     completion_response,
     error_envelope,
-    logprobs_object,
     model_list,
     parse_completion_request,
     stream_chunk,
     usage_chunk,
-    usage_object,
 )
 from config import FimTemplate, ModelConfig
 
@@ -197,19 +195,23 @@ def test_stream_chunk_is_the_old_chunk(chat_delta):
 def test_stream_chunk_logprobs_take_any_iterable():
     """Streamed logprobs may come as a generator; they dump like a whole completion's."""
     chunk = stream_chunk("c", 1, "m", 0, "x", iter(LOGPROBS), None)
-    assert chunk["choices"][0]["logprobs"] == logprobs_object(LOGPROBS)
-    assert LogprobsSchema().validate(logprobs_object(LOGPROBS)) == {}
-    assert logprobs_object(None) is None
+    logprobs = chunk["choices"][0]["logprobs"]
+    assert logprobs == stream_chunk("c", 1, "m", 0, "x", LOGPROBS, None)["choices"][0]["logprobs"]
+    assert logprobs == {"tokens": ["foo", "<s>", "x"], "token_logprobs": [-0.5, None, -0.1],
+                        "top_logprobs": [{"foo": -0.5, "bar": -1.25}, None, {}], "text_offset": [3, 0, 6]}
+    assert LogprobsSchema().validate(logprobs) == {}
+    assert stream_chunk("c", 1, "m", 0, "x", None, None)["choices"][0]["logprobs"] is None
     assert CompletionSchema().validate(chunk) == {}
 
 
-def test_usage_chunk_and_usage_object():
+def test_usage_chunk():
     """The include_usage chunk has no choices and the usage block; usage adds up the total."""
     chunk = usage_chunk("cmpl-3", 19, "m", 7, 2)
     assert same_bytes(chunk, {"id": "cmpl-3", "object": "text_completion", "created": 19, "model": "m",
                               "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
     assert CompletionSchema().validate(chunk) == {}
-    assert UsageSchema().validate(usage_object(1, 2)) == {} and usage_object(1, 2)["total_tokens"] == 3
+    usage = usage_chunk("c", 1, "m", 1, 2)["usage"]
+    assert UsageSchema().validate(usage) == {} and usage["total_tokens"] == 3
 
 
 @pytest.mark.parametrize("args, error", [
