@@ -25,6 +25,36 @@ class Outcome:
     completion_tokens: int | None = None
     text: str = ""
     error: str | None = None
+    http_status: int | None = None    # the reply's status when it was not 200
+    prompt_tokens: int | None = None  # the whole prompt as the server counted it
+    cached_tokens: int | None = None  # prompt tokens the server took from its cache instead of computing them
+
+
+def prompt_reuse(data: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(prompt tokens, reused prompt tokens) from one reply or stream chunk; None where it says nothing.
+
+    llama.cpp's ``timings`` (prompt_n computed + cache_n reused) is read first, then OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``, then llama.cpp /infill's ``tokens_cached``
+    beside ``tokens_evaluated``.
+    """
+    timings = data.get("timings") or {}
+    if isinstance(timings.get("cache_n"), int) and isinstance(timings.get("prompt_n"), int):
+        return timings["prompt_n"] + timings["cache_n"], timings["cache_n"]
+    usage = data.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    if isinstance(details.get("cached_tokens"), int):
+        return usage.get("prompt_tokens"), details["cached_tokens"]
+    if isinstance(data.get("tokens_cached"), int):
+        return data.get("tokens_evaluated"), data["tokens_cached"]
+    return usage.get("prompt_tokens"), None
+
+
+def reply_text(data: dict[str, Any]) -> str:
+    """The generated text of a reply or chunk: OpenAI's choices[].text or llama.cpp's ``content``."""
+    if "choices" in data:
+        return "".join(choice.get("text") or "" for choice in data.get("choices") or [])
+    content = data.get("content")
+    return content if isinstance(content, str) else ""
 
 
 class _Deadline:
@@ -57,8 +87,9 @@ def get_status(url: str, path: str, timeout: float = 2.0) -> int | None:
         conn.close()
 
 
-def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, abandon: bool = False) -> Outcome:
-    """POST one completion to ``url``/v1/completions; give up after ``limit`` seconds.
+def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, abandon: bool = False,
+             path: str = "/v1/completions") -> Outcome:
+    """POST one completion to ``url`` + ``path`` (/v1/completions, or llama.cpp's /infill); give up after ``limit`` s.
 
     Giving up closes the connection, which is how an editor cancels a request; the
     outcome is ABANDONED when ``abandon`` (a planned cancel), else TIMEOUT.
@@ -70,19 +101,20 @@ def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, aban
     try:
         payload = json.dumps({**body, "stream": stream}).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
-        conn.request("POST", parts.path.rstrip("/") + "/v1/completions", payload, headers)
+        conn.request("POST", parts.path.rstrip("/") + path, payload, headers)
         deadline.arm(conn)
         response = conn.getresponse()
         if response.status != 200:
             detail = response.read(500).decode("utf-8", "replace")
-            return Outcome(ERROR, error=f"HTTP {response.status}: {detail}")
+            return Outcome(ERROR, error=f"HTTP {response.status}: {detail}", http_status=response.status)
         if stream:
             return _read_stream(conn, response, deadline, started)
         data = json.loads(response.read())
         latency = time.perf_counter() - started
-        text = "".join(choice.get("text") or "" for choice in data.get("choices", []))
-        tokens = (data.get("usage") or {}).get("completion_tokens")
-        return Outcome(DONE, ttft=latency, latency=latency, completion_tokens=tokens, text=text)
+        tokens = (data.get("usage") or {}).get("completion_tokens", data.get("tokens_predicted"))
+        prompt, cached = prompt_reuse(data)
+        return Outcome(DONE, ttft=latency, latency=latency, completion_tokens=tokens, text=reply_text(data),
+                       prompt_tokens=prompt, cached_tokens=cached)
     except (socket.timeout, TimeoutError):
         return Outcome(ABANDONED if abandon else TIMEOUT, error=f"no answer within {limit:g} s")
     except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -96,6 +128,7 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
     """Read server-sent events until ``data: [DONE]``; time the first chunk that carries text."""
     ttft = None
     tokens = None
+    prompt = cached = None
     pieces: list[str] = []
     while True:
         deadline.arm(conn)
@@ -109,13 +142,16 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
         if data == b"[DONE]":
             latency = time.perf_counter() - started
             return Outcome(DONE, ttft=ttft if ttft is not None else latency, latency=latency,
-                           completion_tokens=tokens, text="".join(pieces))
+                           completion_tokens=tokens, text="".join(pieces), prompt_tokens=prompt, cached_tokens=cached)
         chunk = json.loads(data)
         if "error" in chunk:
             return Outcome(ERROR, ttft=ttft, text="".join(pieces), error=json.dumps(chunk["error"])[:500])
         if chunk.get("usage"):
             tokens = chunk["usage"].get("completion_tokens")
-        text = "".join(choice.get("text") or "" for choice in chunk.get("choices") or [])
+        chunk_prompt, chunk_cached = prompt_reuse(chunk)
+        if chunk_cached is not None:  # the last chunk (with usage or timings) carries the figures
+            prompt, cached = chunk_prompt, chunk_cached
+        text = reply_text(chunk)
         if text and ttft is None:
             ttft = time.perf_counter() - started
         pieces.append(text)
