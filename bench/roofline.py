@@ -84,6 +84,7 @@ def bytes_per_token(model_files: ModelFiles) -> dict[str, Any]:
         model = model.to(getattr(torch, model_files.ours_dtype))
     result["ours"] = weight_bytes_per_token(model)
     result["llamacpp"] = model_files.gguf.stat().st_size if model_files.gguf else None
+    result["llamaserver"] = result["llamacpp"]  # the same GGUF file, read by llama.cpp's own server
     del model
     gc.collect()
     return result
@@ -94,6 +95,7 @@ def measure(model_files: ModelFiles, bandwidth_mb: int = 512) -> dict[str, Any]:
     bandwidth = {threads: memory_bandwidth(threads, bandwidth_mb) for threads in (1, 2)}
     best = max(bandwidth.values())
     per_token = bytes_per_token(model_files)
-    roofline = {name: best * 1e9 / per_token[name] for name in ("ours", "naive", "llamacpp") if per_token.get(name)}
+    roofline = {name: best * 1e9 / per_token[name] for name in ("ours", "naive", "llamacpp", "llamaserver")
+                if per_token.get(name)}
     return {"bandwidth_gb_s": {str(k): v for k, v in bandwidth.items()}, "bandwidth_best_gb_s": best,
             "bytes_per_token": per_token, "roofline_tok_s": roofline}

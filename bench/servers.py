@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .client import get_status
+from .llama_server import find_binary, fim_overrides
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ours", "naive", "llamacpp")
-LABELS = {"ours": "ours", "naive": "naive", "llamacpp": "llama.cpp"}
+SYSTEMS = ("ours", "naive", "llamacpp", "llamaserver")
+LABELS = {"ours": "ours", "naive": "naive", "llamacpp": "llama.cpp", "llamaserver": "llama-server"}
 LLAMACPP_INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" .venv/bin/pip install 'llama-cpp-python[server]'"
 
 
@@ -64,6 +66,8 @@ class Server:
     stream_body: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    drop_fields: tuple[str, ...] = ()  # request fields this server refuses (left out of every request)
+    command: list[str] = field(default_factory=list)  # how it was started (for the results)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's log (empty when it was not started here)."""
@@ -85,6 +89,18 @@ def llamacpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None
 
 
+def model_window(folder: Path) -> int:
+    """The model's context window from its config.json, as our server reads it (2048 when it names none)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 2048
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return 2048
+
+
 def _ours_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
     return ([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
             {"FAUXPILOT_BIND": f"127.0.0.1:{port}"})
@@ -102,6 +118,18 @@ def _llamacpp_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2"], {})
 
 
+def _llamaserver_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    binary = find_binary()
+    if binary is None or model.gguf is None:
+        raise ServerStartError("no llama-server binary (build one: .venv/bin/python -m bench.llama_server build)"
+                               if binary is None else "the configured model is not a GGUF file; llama-server needs one")
+    # --cache-reuse 256 as llama.vscode recommends; our context size; 2 threads like the others; greedy by default.
+    argv = [str(binary), "-m", str(model.gguf), "--host", "127.0.0.1", "--port", str(port), "-a", "codegen",
+            "-c", str(model_window(model.folder)), "-t", "2", "-tb", "2", "--cache-reuse", "256", "--temp", "0",
+            "--no-webui", *fim_overrides(model.folder)]
+    return argv, {}
+
+
 @dataclass(frozen=True)
 class Launcher:
     """How to start one system and how to tell it is ready."""
@@ -111,6 +139,7 @@ class Launcher:
     streams: bool
     extra_body: dict[str, Any] = field(default_factory=dict)   # sent with every request
     stream_body: dict[str, Any] = field(default_factory=dict)  # sent with streaming requests
+    drop_fields: tuple[str, ...] = ()                          # request fields it refuses
 
 
 LAUNCHERS = {
@@ -119,6 +148,8 @@ LAUNCHERS = {
     "naive": Launcher(_naive_command, "/health", streams=False),
     # llama-cpp-python's completions default to repeat_penalty 1.1; plain greedy like the others.
     "llamacpp": Launcher(_llamacpp_command, "/v1/models", streams=True, extra_body={"repeat_penalty": 1.0}),
+    # llama-server's /v1/completions answers 400 "Unsupported param: suffix"; it cannot use one on that route anyway.
+    "llamaserver": Launcher(_llamaserver_command, "/health", streams=True, drop_fields=("suffix",)),
 }
 
 
@@ -127,7 +158,8 @@ def attach(name: str, url: str) -> Server:
     launcher = LAUNCHERS[name]
     if get_status(url, launcher.ready_path, timeout=10) != 200:
         raise ServerStartError(f"{url}{launcher.ready_path} does not answer 200")
-    return Server(name, url.rstrip("/"), launcher.streams, dict(launcher.extra_body), dict(launcher.stream_body))
+    return Server(name, url.rstrip("/"), launcher.streams, dict(launcher.extra_body), dict(launcher.stream_body),
+                  drop_fields=launcher.drop_fields)
 
 
 def start(name: str, model: ModelFiles, ready_timeout: float = 300.0) -> Server:
@@ -137,7 +169,8 @@ def start(name: str, model: ModelFiles, ready_timeout: float = 300.0) -> Server:
     argv, env_changes = launcher.command(port, model)
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     server = Server(name, f"http://127.0.0.1:{port}", launcher.streams, dict(launcher.extra_body),
-                    dict(launcher.stream_body), log_path=Path(log.name))
+                    dict(launcher.stream_body), log_path=Path(log.name), drop_fields=launcher.drop_fields,
+                    command=argv)
     server.process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env_changes}, stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
