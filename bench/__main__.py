@@ -14,21 +14,38 @@ from typing import Any
 
 from . import report, roofline
 from .corpus import Corpus
-from .servers import (LABELS, LLAMACPP_INSTALL, REPO, SYSTEMS, ModelFiles, ServerStartError, attach,
-                      llamacpp_available, resolve_model, start, stop)
+from .llama_server import BUILD_HINT, find_binary
+from .servers import (LABELS, LLAMACPP_INSTALL, REPO, SYSTEMS, ModelFiles, Server, ServerStartError, attach,
+                      llamacpp_available, model_window, resolve_model, start, stop)
+from .sessions import SESSIONS, SessionOptions, run_session
 from .workloads import KeystrokeOptions, PromptFeed, cold, drain, keystroke, load, warm_up
 
+WORKLOADS = ("keystroke", "cold", "load")
+
 DEFAULTS = {"awaited": 24, "awaited_naive": 8, "load_seconds": 30.0, "clients": "1,4,8", "cold_runs": 3,
-            "load_prompts": 240, "bandwidth_mb": 512}
+            "load_prompts": 240, "bandwidth_mb": 512, "session_awaited": 24}
 QUICK = {"awaited": 3, "awaited_naive": 1, "load_seconds": 5.0, "clients": "1,8", "cold_runs": 1,
-         "load_prompts": 40, "bandwidth_mb": 256}
+         "load_prompts": 40, "bandwidth_mb": 256, "session_awaited": 4}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; --quick fills in small values for options not given."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     add = parser.add_argument
-    add("--systems", default="ours,naive,llamacpp", help=f"comma-separated, from: {','.join(SYSTEMS)} (default: all)")
+    add("--systems", help=f"comma-separated, from: {','.join(SYSTEMS)} (default: ours,naive,llamacpp; with "
+                          "--sessions: ours,llamaserver)")
+    add("--sessions", default="", help=f"editor-session workloads to run, from: {','.join(SESSIONS)} (or 'all')")
+    add("--workloads", help=f"the older workloads to run, from: {','.join(WORKLOADS)} (default: all of them "
+                            "without --sessions, none with it)")
+    add("--session-awaited", type=int, help="awaited answers per editor session (default 24)")
+    add("--session-line", type=int, default=150, help="line (0-based) the sessions start typing at (default 150)")
+    add("--session-file", default="", help="file the sessions type through (default: textwrap.py of this Python)")
+    add("--pause-every", type=int, default=6, help="llama.vscode: awaited answers between pauses (default 6)")
+    add("--pause-s", type=float, default=4.0, help="llama.vscode: seconds of a pause (default 4)")
+    add("--ring-files", type=int, default=8, help="llama.vscode: files visited before, a ring chunk each (default 8)")
+    add("--seed", type=int, default=13, help="seed of the plugins' random choices (default 13)")
+    add("--llama-server", help="llama-server binary (default: $LLAMA_SERVER_BIN, the one "
+                               "`python -m bench.llama_server build` made, or one on PATH)")
     add("--awaited", type=int, help="awaited keystroke answers per system (default 24)")
     add("--awaited-naive", type=int, help="awaited answers for the naive server, which cannot cancel (default 8)")
     add("--chars-per-step", type=int, default=6, help="characters typed per keystroke step (default %(default)s)")
@@ -56,12 +73,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(args.systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    args.sessions = _names(parser, "sessions", "all" if args.sessions == "all" else args.sessions, SESSIONS)
+    args.workloads = _names(parser, "workloads", ",".join(WORKLOADS) if args.workloads is None and not args.sessions
+                            else args.workloads or "", WORKLOADS)
+    default_systems = "ours,llamaserver" if args.sessions else "ours,naive,llamacpp"
+    args.systems = _names(parser, "systems", args.systems or default_systems, SYSTEMS)
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    if args.llama_server:
+        os.environ["LLAMA_SERVER_BIN"] = str(Path(args.llama_server).resolve())  # read by bench.llama_server
     return args
+
+
+def _names(parser: argparse.ArgumentParser, option: str, value: str, known: tuple[str, ...]) -> list[str]:
+    """A comma-separated choice ('all' for every one), checked against ``known``."""
+    names = list(known) if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = set(names) - set(known)
+    if unknown:
+        parser.error(f"unknown {option} {sorted(unknown)}; choose from {', '.join(known)}")
+    return names
 
 
 def _r(value: float | None, digits: int = 0) -> str:
@@ -88,56 +117,48 @@ def machine() -> dict[str, Any]:
 
 
 def make_prompts(corpus: Corpus, args: argparse.Namespace) -> dict[str, list[str]]:
-    """The prompts every system gets: warm-up, cold (one per run plus a warm-up) and the load pool."""
-    return {"warm": corpus.prompts(2, 300, offset=0.85),
-            "cold": corpus.prompts(args.cold_runs + 1, args.cold_tokens, offset=0.3, reverse=True),
-            "load": corpus.prompts(args.load_prompts, args.load_tokens, offset=0.1)}
+    """The prompts every system gets: warm-up, and cold (one per run plus a warm-up) and the load pool when asked."""
+    prompts = {"warm": corpus.prompts(2, 300, offset=0.85)}
+    if "cold" in args.workloads:
+        prompts["cold"] = corpus.prompts(args.cold_runs + 1, args.cold_tokens, offset=0.3, reverse=True)
+    if "load" in args.workloads:
+        prompts["load"] = corpus.prompts(args.load_prompts, args.load_tokens, offset=0.1)
+    return prompts
+
+
+def _unavailable(name: str) -> str | None:
+    """Why system ``name`` cannot run here (printed, and its column marked skipped); None when it can."""
+    if name == "llamacpp" and not llamacpp_available():
+        return (f"llama-cpp-python is not installed in this Python. Install it with\n   {LLAMACPP_INSTALL}\n"
+                "   (builds llama.cpp from source: several minutes)")
+    if name == "llamaserver" and find_binary() is None:
+        return f"no llama-server binary. Build one (about 8 minutes on 2 cores) with\n   {BUILD_HINT}"
+    return None
 
 
 def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, list[str]],
                banned: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """Start one system, run warm-up and the three workloads on it, stop it; return its figures."""
+    """Start one system, run warm-up, the chosen workloads and sessions on it, stop it; return its figures."""
     label = LABELS[name]
-    if name == "llamacpp" and not llamacpp_available():
-        print(f"\n== {label}: skipped: llama-cpp-python is not installed in this Python. Install it with\n"
-              f"   {LLAMACPP_INSTALL}\n   (builds llama.cpp from source: several minutes)", flush=True)
+    reason = _unavailable(name)
+    if reason:
+        print(f"\n== {label}: skipped: {reason}", flush=True)
         return {"status": "skipped (not installed)"}
     print(f"\n== {label}: starting", flush=True)
     started = time.perf_counter()
     try:
-        if name == "ours" and args.url_ours:
-            server = attach(name, args.url_ours)
-        else:
-            server = start(name, model, args.ready_timeout)
+        server = attach(name, args.url_ours) if name == "ours" and args.url_ours else \
+            start(name, model, args.ready_timeout)
     except ServerStartError as exc:
         print(f"== {label}: failed to start, column skipped: {exc}", flush=True)
         return {"status": "failed to start"}
-    figures: dict[str, Any] = {"status": "ok", "url": server.url, "log": str(server.log_path or "")}
+    figures: dict[str, Any] = {"status": "ok", "url": server.url, "log": str(server.log_path or ""),
+                               "command": server.command}
     try:
         print(f"   ready at {server.url} after {time.perf_counter() - started:.1f} s; warming up", flush=True)
         warm_up(server, prompts["warm"], args.timeout)
-        options = KeystrokeOptions(awaited=args.awaited if name != "naive" else args.awaited_naive,
-                                   chars_per_step=args.chars_per_step, burst=args.burst,
-                                   window_s=args.window_ms / 1000, context_tokens=args.context_tokens,
-                                   context_slack=args.context_slack,
-                                   max_tokens=args.max_tokens, timeout_s=args.timeout)
-        print(f"   keystroke session: {options.awaited} bursts of {options.burst} steps", flush=True)
-        figures["keystroke"] = k = keystroke(server, corpus, options)
-        print(f"   -> latency p50 {_r(k['latency_p50_ms'])} ms, p95 {_r(k['latency_p95_ms'])} ms, "
-              f"TTFT p50 {_r(k['ttft_p50_ms'])} ms; timeouts {k['timeouts']}, errors {k['errors']}", flush=True)
-        drain(server)
-        print(f"   cold prompts: {len(prompts['cold']) - 1} runs after 1 warm-up", flush=True)
-        figures["cold"] = c = cold(server, prompts["cold"], corpus, args.max_tokens, banned, args.timeout * 5)
-        print(f"   -> TTFT {_r(c['ttft_ms'])} ms, total {_r(c['total_ms'])} ms, "
-              f"decode {_r(c['decode_tok_s'], 1)} tok/s", flush=True)
-        figures["load"] = {}
-        feed = PromptFeed(prompts["load"])
-        for clients in args.clients:
-            print(f"   load: {clients} client{'s' * (clients > 1)} for {args.load_seconds:g} s", flush=True)
-            figures["load"][str(clients)] = result = load(server, feed, clients, args.load_seconds,
-                                                          args.max_tokens, banned, args.timeout * 5)
-            print(f"   -> {result['tok_s']:.1f} tok/s, {result['requests']} requests, "
-                  f"p95 {_r(result['latency_p95_ms'])} ms, errors {result['errors']}", flush=True)
+        run_workloads(server, corpus, prompts, banned, args, figures)
+        run_sessions(server, corpus, model, args, figures)
     except Exception as exc:  # keep what was measured; the other systems still run
         figures["status"] = f"error: {exc}"
         print(f"== {label}: workload failed: {exc}", flush=True)
@@ -147,6 +168,84 @@ def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, 
         stop(server)
     print(f"== {label}: done in {time.perf_counter() - started:.0f} s", flush=True)
     return figures
+
+
+def run_workloads(server: Server, corpus: Corpus, prompts: dict[str, list[str]], banned: list[int],
+                  args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    """The keystroke, cold and load workloads that were asked for, into ``figures``."""
+    if "keystroke" in args.workloads:
+        options = KeystrokeOptions(awaited=args.awaited if server.name != "naive" else args.awaited_naive,
+                                   chars_per_step=args.chars_per_step, burst=args.burst,
+                                   window_s=args.window_ms / 1000, context_tokens=args.context_tokens,
+                                   context_slack=args.context_slack,
+                                   max_tokens=args.max_tokens, timeout_s=args.timeout)
+        print(f"   keystroke session: {options.awaited} bursts of {options.burst} steps", flush=True)
+        figures["keystroke"] = k = keystroke(server, corpus, options)
+        print(f"   -> latency p50 {_r(k['latency_p50_ms'])} ms, p95 {_r(k['latency_p95_ms'])} ms, "
+              f"TTFT p50 {_r(k['ttft_p50_ms'])} ms; timeouts {k['timeouts']}, errors {k['errors']}", flush=True)
+        drain(server)
+    if "cold" in args.workloads:
+        print(f"   cold prompts: {len(prompts['cold']) - 1} runs after 1 warm-up", flush=True)
+        figures["cold"] = c = cold(server, prompts["cold"], corpus, args.max_tokens, banned, args.timeout * 5)
+        print(f"   -> TTFT {_r(c['ttft_ms'])} ms, total {_r(c['total_ms'])} ms, "
+              f"decode {_r(c['decode_tok_s'], 1)} tok/s", flush=True)
+    if "load" in args.workloads:
+        figures["load"] = {}
+        feed = PromptFeed(prompts["load"])
+        for clients in args.clients:
+            print(f"   load: {clients} client{'s' * (clients > 1)} for {args.load_seconds:g} s", flush=True)
+            figures["load"][str(clients)] = result = load(server, feed, clients, args.load_seconds,
+                                                          args.max_tokens, banned, args.timeout * 5)
+            print(f"   -> {result['tok_s']:.1f} tok/s, {result['requests']} requests, "
+                  f"p95 {_r(result['latency_p95_ms'])} ms, errors {result['errors']}", flush=True)
+
+
+def session_options(args: argparse.Namespace, model: ModelFiles) -> SessionOptions:
+    """The editor sessions' settings from the command line."""
+    return SessionOptions(awaited=args.session_awaited, chars_per_step=args.chars_per_step, burst=args.burst,
+                          window_s=args.window_ms / 1000, start_line=args.session_line, source=args.session_file,
+                          timeout_s=args.timeout, pause_every=args.pause_every, pause_s=args.pause_s,
+                          ring_files=args.ring_files, seed=args.seed, context_window=model_window(model.folder))
+
+
+def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argparse.Namespace,
+                 figures: dict[str, Any]) -> None:
+    """Each editor session that was asked for, one after another, into figures["sessions"]."""
+    if not args.sessions:
+        return
+    figures["sessions"] = {}
+    options = session_options(args, model)
+    for client in args.sessions:
+        print(f"   editor session {client}: {options.awaited} bursts of {options.burst} keystrokes", flush=True)
+        figures["sessions"][client] = s = run_session(client, server, corpus, options)
+        if s["status"] != "ok":
+            print(f"   -> {s['status']}", flush=True)
+            continue
+        print(f"   -> awaited p50 {_r(s['latency_p50_ms'])} ms, p95 {_r(s['latency_p95_ms'])} ms, first token p50 "
+              f"{_r(s['ttft_p50_ms'])} ms; full prefills {s['full_prefills']} of {s['counted']} counted; reused "
+              f"{s['reused_tokens']} of {s['prompt_tokens']} prompt tokens; requests {s['requests']}; "
+              f"timeouts {s['timeouts']}, errors {s['errors']} ({s['seconds']:.0f} s)", flush=True)
+        drain(server)
+
+
+def settings_line(args: argparse.Namespace) -> str:
+    """The settings of this run, for the report's head."""
+    parts = []
+    if "keystroke" in args.workloads:
+        parts.append(f"keystroke: {args.awaited} awaited (naive {args.awaited_naive}), {args.chars_per_step} "
+                     f"chars/step, bursts of {args.burst}, {args.window_ms:g} ms window, {args.context_tokens}-token "
+                     f"context (slack {args.context_slack})")
+    if "cold" in args.workloads:
+        parts.append(f"cold: {args.cold_runs} runs of {args.cold_tokens} tokens")
+    if "load" in args.workloads:
+        parts.append(f"load: {args.load_seconds:g} s per level, {args.load_tokens}-token prompts")
+    if args.workloads:
+        parts.append(f"{args.max_tokens} new tokens")
+    if args.sessions:
+        parts.append(f"editor sessions ({', '.join(args.sessions)}): {args.session_awaited} awaited answers each, "
+                     f"bursts of {args.burst} keystrokes of {args.chars_per_step} chars {args.window_ms:g} ms apart, "
+                     f"from line {args.session_line}; request cap {args.timeout:g} s")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,32 +259,36 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(corpus, args)
     print(f"model {model.name}: {model.folder}\nGGUF: {model.gguf}\nours runs it as {model.ours_dtype}; "
           f"EOS ids banned in cold/load: {banned}", flush=True)
+    roof = measure_roofline(model, args) if args.workloads else {}
+
+    systems = {name: run_system(name, model, corpus, prompts, banned, args) for name in args.systems}
+
+    fidelity = report.latest_fidelity(args.out)
+    report.attach_fidelity(systems, fidelity)
+    meta = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **machine(), "model": model.name,
+            "settings": settings_line(args), "args": {k: str(v) for k, v in vars(args).items()},
+            "workloads": args.workloads, "sessions": args.sessions, "fidelity_file": fidelity.get("file")}
+    text = report.markdown(meta, systems, roof, args.clients)
+    print("\n" + text)
+    report.save(args.out, text, {"meta": meta, "roofline": roof, "systems": systems,
+                                 "model": {k: str(v) for k, v in vars(model).items()}})
+    written = f"{args.out / 'results.md'} and {args.out / 'results.json'}"
+    png = args.out / "keystroke_latency.png"
+    if "keystroke" in args.workloads and report.plot(systems, png, args.window_ms):
+        written = f"{args.out / 'results.md'}, {args.out / 'results.json'} and {png}"
+    print(f"wrote {written}")
+    return 0 if any(s.get("status") == "ok" for s in systems.values()) else 1
+
+
+def measure_roofline(model: ModelFiles, args: argparse.Namespace) -> dict[str, Any]:
+    """Memory bandwidth and weight bytes per token (only the older workloads use them)."""
     print("measuring memory bandwidth and weight bytes per token...", flush=True)
     roof = roofline.measure(model, args.bandwidth_mb)
     sizes = ", ".join(f"{LABELS[n]} {roof['bytes_per_token'][n] / 1e6:.0f} MB"
                       for n in LABELS if roof["bytes_per_token"].get(n))
     print(f"   bandwidth {_r(roof['bandwidth_gb_s']['1'], 1)} GB/s (1 thread), "
           f"{_r(roof['bandwidth_gb_s']['2'], 1)} GB/s (2 threads); weights read per token: {sizes}", flush=True)
-
-    systems = {name: run_system(name, model, corpus, prompts, banned, args) for name in args.systems}
-
-    settings = (f"keystroke: {args.awaited} awaited (naive {args.awaited_naive}), {args.chars_per_step} chars/step, "
-                f"bursts of {args.burst}, {args.window_ms:g} ms window, {args.context_tokens}-token context "
-                f"(slack {args.context_slack}); "
-                f"cold: {args.cold_runs} runs of {args.cold_tokens} tokens; load: {args.load_seconds:g} s per "
-                f"level, {args.load_tokens}-token prompts; {args.max_tokens} new tokens")
-    meta = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), **machine(), "model": model.name,
-            "settings": settings, "args": {k: str(v) for k, v in vars(args).items()}}
-    text = report.markdown(meta, systems, roof, args.clients)
-    print("\n" + text)
-    report.save(args.out, text, {"meta": meta, "roofline": roof, "systems": systems,
-                                 "model": {k: str(v) for k, v in vars(model).items()}})
-    png = args.out / "keystroke_latency.png"
-    if report.plot(systems, png, args.window_ms):
-        print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {png}")
-    else:
-        print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'} (no plot: pip install matplotlib)")
-    return 0 if any(s.get("status") == "ok" for s in systems.values()) else 1
+    return roof
 
 
 if __name__ == "__main__":

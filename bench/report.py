@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .servers import LABELS
+from .sessions import LABELS as CLIENTS
 
 Figures = dict[str, Any]  # one system's raw results
 
@@ -181,14 +182,124 @@ def targets(systems: dict[str, Figures], roofline: dict[str, Any]) -> str:
 
 def markdown(meta: dict[str, Any], systems: dict[str, Figures], roofline: dict[str, Any],
              clients: list[int]) -> str:
-    """The whole report: settings, table, roofline inputs, ratios and target checks."""
-    bandwidth = roofline.get("bandwidth_gb_s", {})
+    """The whole report: settings, then the older workloads' table, ratios and targets, then the sessions'."""
     head = [f"# FauxPilot Lite benchmark — {meta['date']}", "",
-            f"{meta['cpu']} ({meta['cores']} cores), model {meta['model']}; {meta['settings']}", "",
-            f"Memory read bandwidth: {_num(bandwidth.get('1'), 1)} GB/s (1 thread), "
-            f"{_num(bandwidth.get('2'), 1)} GB/s (2 threads); the roofline uses the best.", ""]
-    return "\n".join(head) + "\n" + table(systems, roofline, clients) + "\n" + ratios(systems, clients) + \
-        "\n\n### Targets\n\n" + targets(systems, roofline) + "\n"
+            f"{meta['cpu']} ({meta['cores']} cores), model {meta['model']}; {meta['settings']}", ""]
+    parts = ["\n".join(head)]
+    if meta.get("workloads", True):
+        bandwidth = roofline.get("bandwidth_gb_s", {})
+        parts.append(f"Memory read bandwidth: {_num(bandwidth.get('1'), 1)} GB/s (1 thread), "
+                     f"{_num(bandwidth.get('2'), 1)} GB/s (2 threads); the roofline uses the best.\n\n"
+                     + table(systems, roofline, clients) + "\n" + ratios(systems, clients)
+                     + "\n\n### Targets\n\n" + targets(systems, roofline) + "\n")
+    if meta.get("sessions"):
+        parts.append(sessions_section(systems, meta["sessions"]))
+    return "\n".join(parts)
+
+
+def _session_cell(metric: str, s: Figures | None) -> str:
+    """One cell of the sessions table for one system's session figures."""
+    if not s:
+        return "—"
+    if s.get("status", "ok") != "ok":  # e.g. "unsupported: /infill answered HTTP 404: ..."
+        return str(s["status"])[:70] if metric == "latency" else "—"
+    if metric == "latency":
+        bound = "≥ " if s.get("timeouts") else ""
+        return f"{bound}{_num(s.get('latency_p50_ms'))} / {bound}{_num(s.get('latency_p95_ms'))}"
+    if metric == "ttft":
+        return "— (not streamed)" if s.get("ttft_p50_ms") is None else _num(s["ttft_p50_ms"])
+    if metric == "full":
+        per100 = s.get("full_prefills_per_100")
+        return "— (no token counts)" if per100 is None else f"{per100:.1f} ({s['full_prefills']} of {s['counted']})"
+    if metric == "reused":
+        if not s.get("prompt_tokens"):
+            return "—"
+        return f"{s['reused_tokens']:,} of {s['prompt_tokens']:,} ({s['reused_tokens'] / s['prompt_tokens']:.0%})"
+    if metric == "requests":
+        kinds = ", ".join(f"{k} {n}" for k, n in (s.get("requests") or {}).items())
+        return (f"{kinds}; abandoned {s.get('abandoned', 0)}, timeouts {s.get('timeouts', 0)}, "
+                f"errors {s.get('errors', 0)}")
+    value = s.get("fidelity")
+    return "—" if not isinstance(value, (int, float)) else f"{value:.1%}"
+
+
+SESSION_ROWS = (("awaited latency p50 / p95 (ms)", "latency"), ("first token p50 (ms)", "ttft"),
+                ("full prefills per 100 requests", "full"), ("reused prompt tokens", "reused"),
+                ("requests", "requests"), ("fidelity", "fidelity"))
+
+
+def sessions_table(systems: dict[str, Figures], clients: list[str]) -> str:
+    """Markdown: a block of rows per client, one column per system."""
+    names = list(systems)
+    lines = ["| client | metric | " + " | ".join(LABELS[n] for n in names) + " |",
+             "|---|---|" + "---:|" * len(names)]
+    for client in clients:
+        for label, metric in SESSION_ROWS:
+            cells = [_session_cell(metric, _get(systems[n], "sessions", client)) for n in names]
+            lines.append(f"| {CLIENTS[client]} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def session_targets(systems: dict[str, Figures], clients: list[str]) -> str:
+    """The issue's session targets for ours, each a PASS/FAIL/n/a line with the values."""
+    lines = []
+    for client in clients:
+        mine = _get(systems.get("ours") or {}, "sessions", client) or {}
+        theirs = _get(systems.get("llamaserver") or {}, "sessions", client) or {}
+        p50, p95 = (mine.get("latency_p50_ms"), mine.get("latency_p95_ms")) if _ok(mine) else (None, None)
+        other = theirs.get("latency_p50_ms") if _ok(theirs) else None
+        name = CLIENTS[client]
+        lines.append(_check(None if p50 is None or other is None else p50 <= 0.5 * other,
+                            f"{name}: awaited p50 ≤ 0.5× llama-server's: ours {_num(p50)} ms, "
+                            f"llama-server {_num(other)} ms"))
+        lines.append(_check(None if p50 is None or p95 is None else p95 <= 2.5 * p50,
+                            f"{name}: p95 ≤ 2.5× its p50: {_num(p95)} ms vs {_num(p50)} ms"))
+        if client in ("fauxpilot", "llamavscode"):
+            per100 = mine.get("full_prefills_per_100") if _ok(mine) else None
+            lines.append(_check(None if per100 is None else per100 <= 5,
+                                f"{name}: full prefills ≤ 5 per 100 requests: "
+                                f"{'—' if per100 is None else f'{per100:.1f}'}"))
+    return "\n".join(lines)
+
+
+def _ok(session: Figures) -> bool:
+    return session.get("status") == "ok"
+
+
+def _check(ok: bool | None, text: str) -> str:
+    return f"- [{'n/a' if ok is None else 'PASS' if ok else 'FAIL'}] {text}"
+
+
+def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
+    """The editor sessions: table, definitions, targets."""
+    notes = ("A full prefill is an answered request that reused less than half of its prompt tokens (the "
+             "server's own count: `timings.cache_n`, `usage.prompt_tokens_details.cached_tokens` or /infill's "
+             "`tokens_cached`); llama.vscode's warm-ups (`n_predict: 0`) are left out of it. Awaited latency "
+             "counts from when the client would send (after its own debounce), including any wait for its previous "
+             "request; timed-out answers count as the cap (≥). Fidelity: the share of anchored answers equal to "
+             "the cold answer, from the newest `python -m bench.fidelity` results, if any (ours only).")
+    return ("## Editor sessions\n\n" + sessions_table(systems, clients) + "\n\n" + notes
+            + "\n\n### Session targets\n\n" + session_targets(systems, clients) + "\n")
+
+
+def latest_fidelity(out: Path) -> dict[str, Any]:
+    """Per client style, ``fidelity_anchored`` from the newest fidelity-*.json in ``out``; {} when none."""
+    files = sorted(out.glob("fidelity-*.json"))
+    if not files:
+        return {}
+    try:
+        summary = json.loads(files[-1].read_text(encoding="utf-8")).get("summary") or {}
+    except (OSError, ValueError):
+        return {}
+    styles = {style: row.get("fidelity_anchored") for style, row in summary.items() if isinstance(row, dict)}
+    return {"file": str(files[-1]), "styles": styles}
+
+
+def attach_fidelity(systems: dict[str, Figures], fidelity: dict[str, Any]) -> None:
+    """Put the fidelity figures (they measure our anchoring engine) into ours' session results."""
+    for client, session in (_get(systems.get("ours") or {}, "sessions") or {}).items():
+        value = (fidelity.get("styles") or {}).get(client)
+        session["fidelity"] = value if isinstance(value, (int, float)) else None
 
 
 def plot(systems: dict[str, Figures], path: Path, window_ms: float) -> bool:
