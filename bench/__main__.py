@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -251,6 +252,8 @@ def settings_line(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 0 when at least one system produced figures."""
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.out.mkdir(parents=True, exist_ok=True)
     print("resolving the model (the first run converts the GGUF, ~20 s)...", flush=True)
     model = resolve_model()

@@ -283,6 +283,7 @@ LLAMA_CHUNK_LINES = 64       # ring_chunk_size
 LLAMA_RING_SCOPE = 1024      # ring_scope
 LLAMA_PICK_DISTANCE = 32     # MAX_LAST_PICK_LINE_DISTANCE
 LLAMA_MAX_QUEUED = 16        # MAX_QUEUED_CHUNKS
+LLAMA_RING_IDLE_S = 3.0      # RING_UPDATE_MIN_TIME_LAST_COMPL: the ring updates only after this long without a request
 
 
 @dataclass(frozen=True)

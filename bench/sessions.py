@@ -13,7 +13,8 @@ keystroke of each burst. What the client does with the other keystrokes is its o
   when the next keystroke comes; the last waits, then sends. After each shown completion it
   sends a speculative request for the accepted suggestion and queues context chunks; every
   ``pause_every`` answers the typist pauses ``pause_s`` s, saves (a chunk around the cursor is
-  queued) and the ring update sends a warm-up request with ``n_predict: 0``.
+  queued) and 3 s into the pause the ring update sends a warm-up request with ``n_predict: 0``
+  (the plugin's 1 s ring timer acts once 3 s have passed since its last completion request began).
 
 Awaited latency counts from the moment the client would send (after its own debounce) to
 the answer, including any wait for the client's previous request. Other clients do nothing
@@ -30,7 +31,7 @@ from typing import Any
 
 from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete
 from .corpus import Corpus, keystroke_source
-from .editors import (Doc, Ring, TypingScript, continue_body, continue_prompt, copilot_body, copilot_context,
+from .editors import (LLAMA_RING_IDLE_S, Doc, Ring, TypingScript, continue_body, continue_prompt, copilot_body, copilot_context,
                       copilot_prompt, fauxpilot_body, future_fields, infill_body, infill_fields, warmup_body)
 from .servers import Server
 from .stats import percentile
@@ -150,8 +151,9 @@ class Editor:
     def answered(self, session: Session, doc: Doc, step: int, outcome: Outcome) -> None:
         """After an awaited answer arrived."""
 
-    def pause(self, session: Session, doc: Doc, step: int) -> None:
-        """While the typist pauses."""
+    def pause(self, session: Session, doc: Doc, step: int, seconds: float) -> None:
+        """The typist pauses for ``seconds``."""
+        time.sleep(seconds)
 
 
 class FauxPilot(Editor):
@@ -228,11 +230,14 @@ class LlamaVscode(Editor):
             session.background("speculative", step, self.path, infill_body(future, list(self.ring.chunks)), False)
         self.ring.pick_near(doc, self.rng)
 
-    def pause(self, session: Session, doc: Doc, step: int) -> None:
-        """The typist saves (a chunk around the cursor is queued); the ring update sends a warm-up."""
+    def pause(self, session: Session, doc: Doc, step: int, seconds: float) -> None:
+        """The typist saves (a chunk around the cursor is queued); 3 s idle, the ring update sends a warm-up."""
         self.ring.pick_around(doc.text.split("\n"), doc.line, doc.path, self.rng)
-        if self.ring.update():
+        idle = min(seconds, LLAMA_RING_IDLE_S)
+        time.sleep(idle)
+        if seconds > idle and self.ring.update():  # the 1 s ring timer fires within the pause
             session.background("warm-up", step, self.path, warmup_body(list(self.ring.chunks)), False)
+        time.sleep(seconds - idle)
 
 
 EDITORS = {"fauxpilot": FauxPilot, "copilot": Copilot, "continue": Continue, "llamavscode": LlamaVscode}
@@ -273,14 +278,12 @@ def run_session(name: str, server: Server, corpus: Corpus, options: SessionOptio
                           options.awaited * options.burst, source.name)
     session = Session(server, options)
     started = time.perf_counter()
-    try:
-        editor.prepare(session)
-        for burst in range(script.steps // options.burst):
-            if session.unsupported:
-                break
-            _burst(editor, session, script, burst)
-    finally:
-        session.join()
+    editor.prepare(session)
+    for burst in range(script.steps // options.burst):
+        if session.unsupported:
+            break
+        _burst(editor, session, script, burst)
+    session.join()  # not on an exception: the background threads are daemons, and the server is stopped next
     result = {"client": name, "options": asdict(options), "seconds": round(time.perf_counter() - started, 1),
               "status": session.unsupported or "ok", "records": session.records, "fidelity": None}
     return {**result, **summarize(session.records, options.timeout_s, editor.stream)}
@@ -296,8 +299,7 @@ def _burst(editor: Editor, session: Session, script: TypingScript, burst: int) -
     outcome = _awaited(editor, session, script, step)
     editor.answered(session, script.doc(step), step, outcome)
     if editor.uses_pauses and options.pause_every and (burst + 1) % options.pause_every == 0:
-        editor.pause(session, script.doc(step), step)
-        time.sleep(options.pause_s)
+        editor.pause(session, script.doc(step), step, options.pause_s)
 
 
 def summarize(records: list[dict[str, Any]], cap_s: float, streamed: bool) -> dict[str, Any]:
