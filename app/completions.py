@@ -11,10 +11,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import copilot_token
 from .engine.registry import EngineRegistry
 from .errors import AuthenticationError, BodyError, ClientGone, ReadTimedOut
+from .llamacpp import compact_json, parse_infill_request
 from .metrics import RequestRecord, request_id
 from .openapi import openapi_document
 from .protocol import decode_json_body, model_list, parse_completion_request
-from .serving import EventStream, client_gone_probe, start_completion, whole_completion
+from .serving import (EventStream, InfillEventStream, client_gone_probe, start_completion, whole_completion,
+                      whole_infill)
 from .workers import request_read
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,31 @@ def create_fim_completion():
     return _complete(None, chat_deltas=True)
 
 
+@bp.post("/infill")
+def infill():
+    """llama.cpp's fill-in-the-middle endpoint (llama.vscode, llama.vim): whole or streamed, as llama.cpp answers.
+
+    A ``model`` that names no served model is ignored, as a one-model llama.cpp server ignores it
+    (llama.vscode sends its own setting's model name).
+    """
+    body = parse_infill_request(decode_json_body(_read_body(), request.mimetype or ""))
+    engines = get_engines()
+    engine = engines.get(body.model if body.model in engines.configs else None)
+    run = start_completion(engine, body.completion(), current_app.config["FAUXPILOT"], g.record,
+                           client_gone_probe(request.environ), engines.stopping)
+    if not body.stream:
+        return Response(compact_json(whole_infill(run, body)), mimetype="application/json")
+    return _event_stream(InfillEventStream(run, body))
+
+
+def _event_stream(events) -> Response:
+    """A server-sent event response that proxies pass through as it is written."""
+    response = Response(events, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
+    return response
+
+
 def _read_body() -> bytes:
     """The whole request body, or the error that says why there is none (413, 408, 499, 400).
 
@@ -187,7 +214,4 @@ def _complete(engine_name: str | None, chat_deltas: bool = False):
                            engines.stopping)
     if not body.stream:
         return jsonify(whole_completion(run))
-    response = Response(EventStream(run, chat_deltas), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"  # let nginx pass events through at once
-    return response
+    return _event_stream(EventStream(run, chat_deltas))

@@ -13,6 +13,7 @@ from .protocol import (
     _LogitBias,
     _StringOrList,
 )
+from .llamacpp import InfillChunkSchema, InfillRequestSchema, InfillResultSchema, _ExtraChunks
 
 ERRORS = {
     "400": "Invalid request: malformed body, a field out of range (`param` names it), context or server limits",
@@ -35,6 +36,9 @@ def _custom_fields(converter, field, **kwargs) -> dict:
         if field.min_items:
             array["minItems"] = field.min_items
         return {"oneOf": [{"type": "string"}, array]}
+    if isinstance(field, _ExtraChunks):
+        return {"type": "array", "items": {"type": "object", "required": ["text"], "properties": {
+            "text": {"type": "string"}, "filename": {"type": "string"}}}}
     if isinstance(field, _LogitBias):
         return {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
                 "description": "token id (as a string) -> bias added to its logit"}
@@ -57,6 +61,21 @@ def _completion_operation(summary: str, parameters: list | None = None) -> dict:
     return operation
 
 
+def _infill_operation() -> dict:
+    results = {"oneOf": [{"$ref": "#/components/schemas/InfillResult"},
+                         {"type": "array", "items": {"$ref": "#/components/schemas/InfillResult"}}]}
+    responses = {"200": {"description": "The result (a list of them with `n_cmpl` > 1; with `response_fields` only "
+                                        "those paths, as flat keys), or with `stream` server-sent events: "
+                                        "InfillChunk pieces, then each result; no `[DONE]`",
+                         "content": {"application/json": {"schema": results},
+                                     "text/event-stream": {"schema": {"type": "string"}}}}}
+    responses.update({code: {"description": text, "content": _json("ErrorEnvelope")} for code, text in ERRORS.items()
+                      if code != "404"})
+    return {"summary": "llama.cpp's fill-in-the-middle (llama.vscode, llama.vim): input_prefix + prompt before the "
+                       "cursor, input_suffix after it, input_extra as repository context; unknown fields ignored",
+            "requestBody": {"required": True, "content": _json("InfillRequest")}, "responses": responses}
+
+
 def openapi_document(version: str = "1") -> dict:
     """The API as an OpenAPI 3 document."""
     plugin = MarshmallowPlugin()
@@ -68,6 +87,9 @@ def openapi_document(version: str = "1") -> dict:
     spec.components.schema("Completion", schema=CompletionSchema)
     spec.components.schema("ErrorEnvelope", schema=ErrorEnvelopeSchema)
     spec.components.schema("ModelList", schema=ModelListSchema)
+    spec.components.schema("InfillRequest", schema=InfillRequestSchema)
+    spec.components.schema("InfillResult", schema=InfillResultSchema)
+    spec.components.schema("InfillChunk", schema=InfillChunkSchema)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     engine = [{"name": "engine", "in": "path", "required": True, "schema": {"type": "string"},
                "description": "a served model's name or alias (FauxPilot clients use e.g. `codegen`)"}]
@@ -76,6 +98,7 @@ def openapi_document(version: str = "1") -> dict:
               operations={"post": _completion_operation("Complete a prompt with the named engine", engine)})
     spec.path("/v1/fim/completions", operations={"post": _completion_operation(
         "Fill in the middle between prompt and suffix (Mistral's FIM route; stream chunks add delta.content)")})
+    spec.path("/infill", operations={"post": _infill_operation()})
     spec.path("/v1/models", operations={"get": {"summary": "The served models and their aliases", "responses": {
         "200": {"description": "model list", "content": _json("ModelList")}}}})
     for path, summary in (("/health", "Liveness"), ("/ready", "Readiness: every model loaded in this worker")):

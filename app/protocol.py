@@ -20,7 +20,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre
 
 from config import ModelConfig
 
-from .engine.params import SamplingParams, TokenLogprob
+from .engine.params import ContextChunk, PromptContext, SamplingParams, TokenLogprob
 
 # OpenAI takes 4 stop strings; editors send more (Continue's autocomplete sends 12), and checking
 # a few dozen costs nothing next to a decode step.
@@ -135,15 +135,28 @@ class _LogitBias(fields.Field):
         return tuple(sorted(pairs))
 
 
-class _CopilotHints(fields.Raw):
-    """Copilot's ``extra`` hints, loaded as whether they say ``trim_by_indentation: true``.
+@dataclasses.dataclass(frozen=True)
+class CopilotExtra:
+    """What the server uses of Copilot's ``extra``: the dedent stop, and the context to show before the prompt."""
 
-    Copilot puts editor context in there (language, indentation); only a real JSON true
-    turns the dedent stop on, and anything else, malformed included, is ignored.
-    """
+    trim_by_indentation: bool = False
+    context: tuple[str, ...] = ()  # [stable context, recent-edits context], each a block of text
+    language: str | None = None  # the editor's language id of the file
+
+
+class _CopilotHints(fields.Raw):
+    """Copilot's ``extra`` hints: ``trim_by_indentation`` (only a real JSON true turns the dedent stop on),
+    ``context`` (strings; others are skipped) and ``language``; anything else, malformed included, is ignored."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        return isinstance(value, dict) and value.get("trim_by_indentation") is True
+        if not isinstance(value, dict):
+            return CopilotExtra()
+        context = value.get("context")
+        texts = tuple(t for t in context if isinstance(t, str) and t.strip() and _valid_text(t)) \
+            if isinstance(context, list) else ()
+        language = value.get("language")
+        return CopilotExtra(value.get("trim_by_indentation") is True, texts,
+                            language if isinstance(language, str) and _valid_text(language) else None)
 
 
 class StreamOptionsSchema(Schema):
@@ -184,6 +197,7 @@ class CompletionRequest:
     include_usage: bool = False
     user: str | None = None
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    context: PromptContext | None = None  # repository context to put before the prompt
 
 
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -220,8 +234,10 @@ class CompletionRequestSchema(Schema):
     user = _Text(allow_none=True)
     # int64, as OpenAI documents it (torch's generator also refuses anything past 64 bits).
     seed = _StrictInteger(allow_none=True, validate=validate.Range(min=-(2**63), max=2**63 - 1))
-    trim_by_indentation = _CopilotHints(data_key="extra", allow_none=True,
-                                        metadata={"description": "Copilot's hints (trim_by_indentation)"})
+    extra = _CopilotHints(allow_none=True, metadata={
+        "description": "Copilot's hints: trim_by_indentation, and context (strings shown before the prompt, stable "
+                       "context first) in the language of language"})
+    nwo = _Text(allow_none=True, metadata={"description": "Copilot's repository (owner/name): named in the context"})
 
     @pre_load
     def _drop_nulls(self, data, **kwargs):
@@ -239,10 +255,21 @@ class CompletionRequestSchema(Schema):
         fallback = data.pop("max_completion_tokens", None)
         if fallback is not None:
             data.setdefault("max_tokens", fallback)
+        extra: CopilotExtra = data.pop("extra", CopilotExtra())
+        data["context"] = copilot_context(extra, data.pop("nwo", None))
         params = {name: data.pop(name) for name in _PARAM_NAMES & data.keys()}
+        params["trim_by_indentation"] = extra.trim_by_indentation
         request = CompletionRequest(**data, params=SamplingParams(**params))
         _check_combinations(request)
         return request
+
+
+def copilot_context(extra: CopilotExtra, repo: str | None) -> PromptContext | None:
+    """Copilot's context as chunks: the first (stable) kept longest, the later ones (recent edits) dropped first."""
+    if not extra.context:
+        return None
+    chunks = tuple(ContextChunk(text, stable=index == 0) for index, text in enumerate(extra.context))
+    return PromptContext(chunks, repo=repo, language=extra.language)
 
 
 def _check_combinations(request: CompletionRequest) -> None:
@@ -281,10 +308,15 @@ def decode_json_body(data: bytes, content_type: str) -> Any:
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     """Validate a decoded JSON body; raise InvalidRequestError naming the offending field."""
+    return load_body(_REQUEST, body)
+
+
+def load_body(schema: Schema, body: Any) -> Any:
+    """A decoded JSON body loaded through ``schema``; InvalidRequestError naming the offending field."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError("The request body must be a JSON object.")
     try:
-        return _REQUEST.load(body)
+        return schema.load(body)
     except ValidationError as exc:
         param, message = _first_error(exc.messages)
         raise InvalidRequestError(f"Invalid value for '{param}': {message}", param=param or None) from None
@@ -316,12 +348,20 @@ class ChoiceSchema(Schema):
                        "streams it (Continue reads it)"})
 
 
+class PromptTokensDetailsSchema(Schema):
+    """``usage.prompt_tokens_details``."""
+
+    cached_tokens = fields.Integer(required=True, metadata={
+        "description": "prompt tokens whose keys and values came from the prefix cache (not computed again)"})
+
+
 class UsageSchema(Schema):
     """Token counts of a completion."""
 
     prompt_tokens = fields.Integer(required=True)
     completion_tokens = fields.Integer(required=True)
     total_tokens = fields.Integer(required=True)
+    prompt_tokens_details = fields.Nested(PromptTokensDetailsSchema, required=True)
 
 
 class CompletionSchema(Schema):
@@ -401,21 +441,22 @@ def _logprob_columns(entries: Iterable[TokenLogprob] | None) -> dict | None:
     }
 
 
-def _usage_source(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage_source(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     """UsageSchema's source."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_response(completion_id: str, created: int, model: str, choices: Sequence[ChoiceOut],
-                        prompt_tokens: int, completion_tokens: int, with_logprobs: bool) -> dict:
+                        prompt_tokens: int, completion_tokens: int, with_logprobs: bool, cached_tokens: int = 0) -> dict:
     """A whole ``text_completion`` object with its usage; ``logprobs`` is null unless ``with_logprobs``."""
     return _COMPLETION.dump({
         "id": completion_id, "created": created, "model": model,
         "choices": [{"index": choice.index, "text": choice.text, "finish_reason": choice.finish_reason,
                      "logprobs": _logprob_columns(choice.logprobs if with_logprobs else None)}
                     for choice in choices],
-        "usage": _usage_source(prompt_tokens, completion_tokens),
+        "usage": _usage_source(prompt_tokens, completion_tokens, cached_tokens),
     })
 
 
@@ -432,10 +473,11 @@ def stream_chunk(completion_id: str, created: int, model: str, index: int, text:
     return _COMPLETION.dump({"id": completion_id, "created": created, "model": model, "choices": [choice]})
 
 
-def usage_chunk(completion_id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(completion_id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict:
     """The final chunk of ``stream_options.include_usage``: no choices, only usage."""
     return _COMPLETION.dump({"id": completion_id, "created": created, "model": model, "choices": [],
-                             "usage": _usage_source(prompt_tokens, completion_tokens)})
+                             "usage": _usage_source(prompt_tokens, completion_tokens, cached_tokens)})
 
 
 def sse_event(payload: dict | str) -> str:

@@ -19,6 +19,7 @@ from config import Settings
 from .engine import Delta, Engine, Request, Watch
 from .engine.engine import Ticket
 from .errors import reply_for
+from .llamacpp import InfillChoice, InfillRequest, PromptFacts, infill_chunk, infill_result
 from .metrics import RequestRecord
 from .protocol import (ChoiceOut, CompletionRequest, InvalidRequestError, completion_response, sse_event, stream_chunk,
                        usage_chunk)
@@ -35,6 +36,7 @@ class CompletionRun:
         self.ticket, self.watch, self.record = ticket, watch, record
         self.id = f"cmpl-{record.request_id}"
         self.created = int(time.time())
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, over the prompts run so far
 
     def __iter__(self) -> Iterator[tuple[int, Delta]]:
         prompt_tokens = completion_tokens = 0
@@ -48,6 +50,7 @@ class CompletionRun:
                 return
             prompt_tokens += request.prompt_tokens
             completion_tokens += request.completion_tokens
+            self.cached_tokens += request.reused
             self.record.usage = (prompt_tokens, completion_tokens)
 
     def close(self) -> None:
@@ -75,14 +78,15 @@ def start_completion(engine: Engine, body: CompletionRequest, settings: Settings
     check_limits(body, settings)
     record.engine = engine
     requests = [engine.prepare(prompt, body.params, suffix=body.suffix, n=body.n, best_of=body.best_of,
-                               echo=body.echo, request_id=record.request_id) for prompt in body.prompts]
+                               echo=body.echo, request_id=record.request_id, context=body.context)
+                for prompt in body.prompts]
     timeout = settings.request_timeout
     watch = Watch(client_gone, time.monotonic() + timeout if timeout else None, stopping)
     return CompletionRun(engine, body, requests, engine.admit(), watch, record)
 
 
-def whole_completion(run: CompletionRun) -> dict:
-    """The whole ``text_completion``: every choice's deltas joined."""
+def _gather(run: CompletionRun) -> list[ChoiceOut]:
+    """Every choice of a run, its deltas joined (the run is released however it ends)."""
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list] = {}
     reasons: dict[int, str | None] = {}
@@ -93,9 +97,40 @@ def whole_completion(run: CompletionRun) -> dict:
             reasons[index] = delta.finish_reason or reasons.get(index)
     finally:
         run.close()
-    choices = [ChoiceOut(i, "".join(texts[i]), tuple(logprobs[i]), reasons[i]) for i in sorted(texts)]
-    return completion_response(run.id, run.created, run.engine.name, choices, *run.record.usage,
-                               run.body.params.logprobs is not None)
+    return [ChoiceOut(i, "".join(texts[i]), tuple(logprobs[i]), reasons[i]) for i in sorted(texts)]
+
+
+def whole_completion(run: CompletionRun) -> dict:
+    """The whole ``text_completion``: every choice's deltas joined."""
+    return completion_response(run.id, run.created, run.engine.name, _gather(run), *run.record.usage,
+                               run.body.params.logprobs is not None, run.cached_tokens)
+
+
+def _prompt_facts(run: CompletionRun) -> PromptFacts:
+    """What an /infill result reports of its (single) prompt's run: sizes, the prefix cache, times."""
+    request = run.requests[0]
+    t = request.timings
+    end = t.finished or time.perf_counter()
+    started = t.started or end  # never started: answered from the answer cache, or nothing to compute
+    prompt_end = t.first_token or end
+    return PromptFacts(run.engine.name, run.engine.preparer.context_length, request.prompt_tokens, request.reused,
+                       request.truncated, (prompt_end - started) * 1000,
+                       (end - t.first_token) * 1000 if t.first_token else 0.0, request.params.max_tokens)
+
+
+def _infill_results(run: CompletionRun, body: InfillRequest, texts: dict[int, str]) -> list[dict]:
+    """One llama.cpp result per completion, in index order."""
+    facts = _prompt_facts(run)
+    generated = {seq.index: seq.generated for seq in run.requests[0].returned()}
+    return [infill_result(InfillChoice(index, texts.get(index, ""), generated.get(index, 0)), facts, body)
+            for index in sorted(generated)]
+
+
+def whole_infill(run: CompletionRun, body: InfillRequest) -> dict | list[dict]:
+    """llama.cpp's /infill reply: the result, or a list of them when several completions were asked for."""
+    texts = {choice.index: choice.text for choice in _gather(run)}
+    results = _infill_results(run, body, texts)
+    return results[0] if body.n_cmpl == 1 else results
 
 
 class EventStream:
@@ -118,7 +153,7 @@ class EventStream:
                                              delta.logprobs if with_logprobs else None, delta.finish_reason,
                                              chat_delta=self.chat_deltas))
             if body.include_usage:
-                yield sse_event(usage_chunk(run.id, run.created, run.engine.name, *run.record.usage))
+                yield sse_event(usage_chunk(run.id, run.created, run.engine.name, *run.record.usage, run.cached_tokens))
         except Exception as exc:  # the status line is gone: report in-band, keep the worker serving
             yield sse_event(reply_for(exc, run.id)[0])
         yield sse_event("[DONE]")
@@ -130,6 +165,27 @@ class EventStream:
             self._events.close()
         finally:
             self.run.close()
+
+
+class InfillEventStream(EventStream):
+    """llama.cpp's /infill stream: ``{index, content, stop: false}`` pieces, then each completion's result
+    (``stop: true``, empty content, the timings); no ``[DONE]``. An error after the status line is sent in-band."""
+
+    def __init__(self, run: CompletionRun, body: InfillRequest):
+        self.body = body
+        super().__init__(run)
+
+    def _generate(self) -> Iterator[str]:
+        run = self.run
+        try:
+            for index, delta in _closing_iter(run):
+                if delta.text:
+                    yield sse_event(infill_chunk(index, delta.text))
+            for result in _infill_results(run, self.body, {}):
+                yield sse_event(result)
+        except Exception as exc:  # the status line is gone: report in-band, keep the worker serving
+            yield sse_event(reply_for(exc, run.id)[0])
+        run.record.complete = True
 
 
 def _closing_iter(iterable) -> Iterator:

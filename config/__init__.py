@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -20,6 +21,8 @@ DEFAULT_CONFIG_FILE = Path(__file__).with_name("fauxpilot.toml")
 KINDS = ("causal", "seq2seq")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 FIM_ORDERS = ("psm", "spm")
+# Each repo template, the placeholders it must hold and those it may.
+REPO_PLACEHOLDERS = (("name", ("{repo}",), ()), ("file", ("{path}", "{code}"), ()), ("current", (), ("{path}",)))
 
 
 # Threads beyond the engines' admission: probes, 429s and requests being read never wait for generation.
@@ -52,6 +55,21 @@ class FimTemplate:
 
 
 @dataclass(frozen=True)
+class RepoTemplate:
+    """How other files of the repository go in front of a prompt, as the model card writes its repo-level format.
+
+    ``name`` opens the context (``{repo}``: the repository's name), ``file`` is one other file
+    (``{path}``, ``{code}``), ``current`` heads the file being edited (``{path}`` optional); the
+    rest is the model's special tokens and plain text, e.g. Qwen2.5-Coder's
+    ``<|repo_name|>{repo}\n``, ``<|file_sep|>{path}\n{code}\n`` and ``<|file_sep|>{path}\n``.
+    """
+
+    name: str
+    file: str
+    current: str
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One served model, as written in the ``[[models]]`` table of the config file."""
 
@@ -64,6 +82,7 @@ class ModelConfig:
     dtype: str = "auto"
     context_length: int | None = None
     fim: FimTemplate | None = None
+    repo: RepoTemplate | None = None  # the card's repo-level layout for other files' code; none: as comments
     stop: tuple[str, ...] = ()
     trust_remote_code: bool = False
     max_tokens: int = 16
@@ -84,6 +103,12 @@ class EngineOptions:
     max_waiting: int = 8  # requests queued beyond the batch before 429
     prefix_cache: bool = True
     prefix_cache_mb: int = 512
+    # A long prompt starts at its first anchor line, one in about this many lines chosen by content, so
+    # prompts whose top moves as the developer types share their start (app/engine/anchor.py); 0: as sent.
+    anchor_lines: int = 16
+    # Approximate: far-end tokens a moved prompt may gain or lose to begin like a cached prompt (its answer
+    # then depends on what the cache held; fidelity measured by `python -m bench.fidelity`); 0: never.
+    anchor_restore_tokens: int = 0
     token_healing: bool = True
     truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
     time_budget_ms: int = 0  # decoding time after which a completion ends at its next newline (0: none)
@@ -158,7 +183,23 @@ def model_from_mapping(raw: Mapping[str, Any]) -> ModelConfig:
     values["aliases"] = _as_tuple(raw.get("aliases"), f"model {name!r}: aliases")
     values["stop"] = _as_tuple(raw.get("stop"), f"model {name!r}: stop")
     values["fim"] = _fim(raw.get("fim"), name)
+    values["repo"] = _repo(raw.get("repo"), name)
     return ModelConfig(**values)
+
+
+def _repo(raw: Any, name: str) -> RepoTemplate | None:
+    """``repo = { name = "<repo>{repo}", file = "<sep>{path}\\n{code}", current = "<sep>{path}\\n" }``."""
+    if raw is None:
+        return None
+    keys = [key for key, _, _ in REPO_PLACEHOLDERS]
+    if not isinstance(raw, Mapping) or set(raw) != set(keys) or not all(isinstance(raw[k], str) for k in keys):
+        raise ConfigError(f"model {name!r}: repo must be a table of the template strings {keys}")
+    for key, required, optional in REPO_PLACEHOLDERS:
+        found = re.findall(r"\{\w+\}", raw[key])
+        if sorted(set(found)) != sorted(found) or not set(required) <= set(found) <= {*required, *optional}:
+            rule = f"must contain {' and '.join(required)}" if required else f"may contain {' '.join(optional)}"
+            raise ConfigError(f"model {name!r}: repo.{key} {rule} (once, and no other placeholder), got {raw[key]!r}")
+    return RepoTemplate(**{key: raw[key] for key in keys})
 
 
 def _fim(raw: Any, name: str) -> FimTemplate | None:
@@ -202,7 +243,8 @@ def _validated(settings: Settings) -> Settings:
     for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms", "answer_cache"):
+    for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms", "answer_cache",
+                "anchor_lines", "anchor_restore_tokens"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings
@@ -309,7 +351,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         gguf = None
         if source.endswith(".gguf"):
             source, gguf = str(Path(source).parent), Path(source).name
-        swapped = dataclasses.replace(first, source=source, gguf_file=gguf, fim=None, stop=())
+        swapped = dataclasses.replace(first, source=source, gguf_file=gguf, fim=None, repo=None, stop=())
         changes["models"] = (swapped, *settings.models[1:])
     settings = settings.replace(**changes) if changes else settings
     return with_key_file(settings)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.anchor import anchor_offsets
+
 PROMPT = "def fibonacci(n):\n"
 OTHER_PROMPT = "hello"
 SERVED_NAMES = ("tiny", "codegen", "copilot-codex", "tiny-fim")
@@ -179,7 +181,8 @@ def test_response_shape(client):
     assert choice["logprobs"] is None
     assert choice["finish_reason"] in {"stop", "length"}
     usage = body["usage"]
-    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
     assert usage["prompt_tokens"] > 0
     assert 0 < usage["completion_tokens"] <= 5
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -747,13 +750,32 @@ def test_oversized_requests_fit_the_window(client, body):
 
 
 def test_truncated_prompt_keeps_its_end(client, engines):
-    """A prompt cut to fit completes exactly as its kept end does (the text nearest the cursor)."""
-    tokenizer = engines["tiny"].tokenizer
-    ids = tokenizer("".join(f"v{i} = {i}\n" for i in range(200)))["input_ids"]
-    assert len(ids) > 256
+    """A prompt cut to fit starts at its first anchor line whose rest fits, and completes exactly as that rest does."""
+    engine = engines["tiny"]
+    text = "".join(f"v{i} = {i}\n" for i in range(200))
+    assert len(engine.tokenizer(text)["input_ids"]) > 256
+    rest = next(text[offset:] for offset in anchor_offsets(text, engine.options.anchor_lines)
+                if len(engine.tokenizer(text[offset:])["input_ids"]) <= 248)  # 256 - max_tokens
     body = {"max_tokens": 8, "temperature": 0}
-    whole = ok(client, {**body, "prompt": tokenizer.decode(ids)})
-    kept = ok(client, {**body, "prompt": tokenizer.decode(ids[len(ids) - 248:])})
+    whole = ok(client, {**body, "prompt": text})
+    kept = ok(client, {**body, "prompt": rest})
+    assert whole["usage"]["prompt_tokens"] == kept["usage"]["prompt_tokens"] <= 248
+    assert whole["choices"][0]["text"] == kept["choices"][0]["text"]
+
+
+def test_truncated_prompt_without_anchors_keeps_its_last_tokens(tiny_settings, engines):
+    """With anchor_lines 0 a prompt cut to fit keeps exactly its last tokens."""
+    from app import create_app
+    from app.engine import Engine
+
+    tiny = engines["tiny"]
+    options = dataclasses.replace(tiny.options, anchor_lines=0)
+    unanchored = Engine(tiny.config, tiny.model, tiny.tokenizer, tiny.device, options)
+    client = create_app(tiny_settings, engines=[unanchored]).test_client()
+    ids = tiny.tokenizer("".join(f"v{i} = {i}\n" for i in range(200)))["input_ids"]
+    body = {"max_tokens": 8, "temperature": 0}
+    whole = ok(client, {**body, "prompt": tiny.tokenizer.decode(ids)})
+    kept = ok(client, {**body, "prompt": tiny.tokenizer.decode(ids[len(ids) - 248:])})
     assert whole["usage"]["prompt_tokens"] == kept["usage"]["prompt_tokens"] == 248
     assert whole["choices"][0]["text"] == kept["choices"][0]["text"]
 
@@ -1071,7 +1093,7 @@ def test_metrics_count_requests_tokens_and_batch(client):
 
 OPENAI_FIELDS = {"model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
                  "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
-                 "seed", "extra", "max_completion_tokens"}
+                 "seed", "extra", "max_completion_tokens", "nwo"}
 
 
 def test_openapi_document_is_public_and_generated_from_the_schemas(keyed_client):

@@ -54,7 +54,8 @@ def same_bytes(got: dict, expected: dict) -> bool:
 def test_every_schema_attribute_is_a_dataclass_field():
     """post_load splits the loaded dict by the dataclasses' fields, so every attribute must be one of them."""
     names = {f.name for cls in (CompletionRequest, SamplingParams) for f in dataclasses.fields(cls)}
-    attributes = set(CompletionRequestSchema().fields) - {"max_completion_tokens"}  # folded into max_tokens
+    # Folded into max_tokens, and into trim_by_indentation and context.
+    attributes = set(CompletionRequestSchema().fields) - {"max_completion_tokens", "extra", "nwo"}
     assert attributes <= names
     assert "prompt" in WIRE_FIELDS and "extra" in WIRE_FIELDS and "stream_options" in WIRE_FIELDS
 
@@ -168,7 +169,8 @@ def test_whole_completion_is_the_old_body():
         "id": "cmpl-1", "object": "text_completion", "created": 17, "model": "tiny",
         "choices": [{"index": 0, "text": "a\u00e9", "logprobs": None, "finish_reason": "stop"},
                     {"index": 3, "text": "", "logprobs": None, "finish_reason": None}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}})
+        "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9,
+                  "prompt_tokens_details": {"cached_tokens": 0}}})
     with_logprobs = completion_response("cmpl-1", 17, "tiny", choices, 5, 4, with_logprobs=True)
     assert same_bytes(with_logprobs["choices"][0]["logprobs"], {
         "tokens": ["foo", "<s>", "x"], "token_logprobs": [-0.5, None, -0.1],
@@ -208,10 +210,12 @@ def test_usage_chunk():
     """The include_usage chunk has no choices and the usage block; usage adds up the total."""
     chunk = usage_chunk("cmpl-3", 19, "m", 7, 2)
     assert same_bytes(chunk, {"id": "cmpl-3", "object": "text_completion", "created": 19, "model": "m",
-                              "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+                              "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                                                       "prompt_tokens_details": {"cached_tokens": 0}}})
     assert CompletionSchema().validate(chunk) == {}
-    usage = usage_chunk("c", 1, "m", 1, 2)["usage"]
+    usage = usage_chunk("c", 1, "m", 1, 2, cached_tokens=1)["usage"]
     assert UsageSchema().validate(usage) == {} and usage["total_tokens"] == 3
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 1}
 
 
 @pytest.mark.parametrize("args, error", [

@@ -46,7 +46,9 @@ class AnswerCache:
         timed = any(seq.stop.budget is not None for seq in request.sequences)  # ends by the clock
         if sampled_unseeded or timed or request.echo:
             return None
-        return request.prompt_ids, params, request.n, len(request.sequences), request.healing
+        # The client's prompt, not the anchored one: the same request is answered alike whatever the cache held.
+        prompt = request.realigned.original if request.realigned else request.prompt_ids
+        return prompt, params, request.n, len(request.sequences), request.healing
 
     def get(self, key: Hashable) -> Answer | None:
         """The answer stored under ``key`` (now the most recent), if any."""

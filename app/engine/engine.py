@@ -19,7 +19,7 @@ from config import EngineOptions, ModelConfig
 from .answers import AnswerCache, replay
 from .errors import EngineBusy
 from .kvcache import PrefixCache
-from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
+from .params import Delta, PromptContext, SamplingParams, SequenceResult, TokenLogprob
 from .prepare import Preparer
 from .request import Request, Watch
 from .runners import CausalRunner, Seq2SeqRunner
@@ -85,12 +85,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.options = options
-        self.preparer = Preparer(config, self.model, tokenizer, device, options)
+        cache = None
         if config.kind == "seq2seq":
             self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
         else:
             cache = PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache else None
             self.runner = CausalRunner(self.model, device, cache)
+        self.preparer = Preparer(config, self.model, tokenizer, device, options,
+                                 cache.prompts if cache is not None else None)
         self.scheduler = Scheduler(self.runner, options.max_batch, threads, config.name)
         self.admission = Admission(options.max_batch + options.max_waiting)
         self.answers = AnswerCache(options.answer_cache)
@@ -112,10 +114,11 @@ class Engine:
     # -- the interface ---------------------------------------------------------------
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
-                best_of: int | None = None, echo: bool = False, request_id: str = "local") -> Request:
-        """One prompt as a runnable request (raises an EngineError when it cannot run on this model)."""
+                best_of: int | None = None, echo: bool = False, request_id: str = "local",
+                context: PromptContext | None = None) -> Request:
+        """One prompt (with repository context) as a runnable request (raises an EngineError when it cannot run)."""
         return self.preparer.prepare(prompt, params, suffix=suffix, n=n, best_of=best_of, echo=echo,
-                                     request_id=request_id)
+                                     request_id=request_id, context=context)
 
     def admit(self) -> Ticket:
         """A place for one client request, or :class:`EngineBusy` when running and waiting are full."""
@@ -132,6 +135,9 @@ class Engine:
         if request.echo:
             yield from self._echo(request)
         if request.params.max_tokens == 0:
+            if not request.echo and getattr(self.runner, "prefix_cache", None) is not None:
+                # Nothing to generate, but the prompt is fed into the prefix cache: an editor's warm-up request.
+                yield from self._generate(request, watch, None)
             yield from request.skip()
             return
         key = self.answers.key(request)

@@ -120,6 +120,11 @@ class PrefixCache:
         length = bounds[best]
         return best, cache_from_tensors([(k[:, :, :length], v[:, :, :length]) for k, v in layer_tensors(found.cache)])
 
+    def prompts(self) -> list[tuple[int, ...]]:
+        """The token ids of every cached prompt, most recently used last."""
+        with self._lock:
+            return list(self.entries)
+
     def store(self, ids: Sequence[int], bounds: Sequence[int], cache: DynamicCache) -> None:
         """Keep ``cache`` (exactly the keys/values of ``ids``) for later prompts, evicting old ones."""
         with self._lock:

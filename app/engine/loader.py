@@ -389,6 +389,7 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
 
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     """Build a ready :class:`~app.engine.engine.Engine` for one config entry."""
+    from .context import RepoTemplateError
     from .engine import Engine
     from .prompts import TemplateError
     from .threads import ThreadPlan
@@ -398,5 +399,7 @@ def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     threads = ThreadPlan.for_cpu(settings.engine, settings.workers) if device.type == "cpu" else ThreadPlan()
     try:
         return Engine(config, model, tokenizer, device, settings.engine, threads)
+    except RepoTemplateError as exc:
+        raise ModelLoadError(f"model {config.name!r}: {exc}") from None
     except TemplateError as exc:
         raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None

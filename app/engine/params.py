@@ -18,7 +18,28 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     trim_by_indentation: bool = False  # end before a line indented less than the completion's block
+    min_indent: int = 0  # llama.cpp's n_indent: end before a later line indented by fewer characters (0: off)
+    top_k: int = 0  # sample among the k most likely tokens only (0: all)
     time_budget_ms: int | None = None  # decoding time after which the text ends at its next newline; None: server's
+
+
+@dataclass(frozen=True)
+class ContextChunk:
+    """Code from elsewhere in the repository, shown to the model before the prompt."""
+
+    text: str
+    path: str | None = None  # the file it comes from, when the client names one
+    stable: bool = True  # False: likely to change by the next request, so left out first when room is short
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """A request's repository context: chunks in prompt order, and what the client tells of the repository."""
+
+    chunks: tuple[ContextChunk, ...] = ()
+    repo: str | None = None  # the repository's name (Copilot's ``nwo``)
+    path: str | None = None  # the path of the file being edited
+    language: str | None = None  # its language (an editor's language id or an extension): the comment syntax
 
 
 @dataclass(frozen=True)

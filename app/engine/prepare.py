@@ -2,22 +2,25 @@
 the checks against the model's window and the server's limits, the sampling chain and the stops."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from config import EngineOptions, ModelConfig
 
+from .anchor import SEAM, Realignment, anchor_offsets, anchored_start, realign
+from .context import ContextPlacer
 from .errors import InvalidParameter, PromptTooLong
 from .healing import TokenHealer
-from .params import SamplingParams
+from .params import PromptContext, SamplingParams
 from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_last, leading_bos, special_token_id
 from .request import Request
 from .sampling import TokenChooser
 from .sequence import IncrementalDetokenizer, SequenceState
-from .stopping import DedentStop, StopCondition, TimeBudget
+from .stopping import DedentStop, IndentStop, StopCondition, TimeBudget
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +29,16 @@ class Preparer:
     """Everything about one model that turning text into a runnable request needs: tokenizer, window, stops."""
 
     def __init__(self, config: ModelConfig, model: torch.nn.Module, tokenizer, device: torch.device,
-                 options: EngineOptions):
+                 options: EngineOptions, cached_prompts: Callable[[], list[tuple[int, ...]]] | None = None):
         self.config, self.tokenizer, self.device, self.options = config, tokenizer, device, options
+        # Anchoring only pays where a prefix cache reuses what it lines up (anchor.py).
+        self.anchor_lines = options.anchor_lines if cached_prompts is not None else 0
+        # The prefix cache's prompts, to restore moved prompts onto (None: no cache, or never).
+        self.cached_prompts = cached_prompts if options.anchor_restore_tokens > 0 else None
         self.is_seq2seq = config.kind == "seq2seq"
         self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
         self.bos = leading_bos(tokenizer)
+        self.context = ContextPlacer(tokenizer, config.repo, self.bos)
         head = model.get_output_embeddings()
         self.vocab_size = getattr(head, "out_features", None) or model.config.vocab_size
         self.context_length = config.context_length or _window(model.config)
@@ -92,22 +100,59 @@ class Preparer:
         A FIM prompt always fits ``budget``; a plain one only with ``truncate``.
         """
         budget = self.context_length if budget is None else budget
+        # A prompt cut to the window is cut deeper by a slack its next versions can grow into before their
+        # start moves again (anchor.py restores the lines they cut): one cold prefill per slack, not per keystroke.
+        slack = min(self.options.anchor_restore_tokens, budget // 8) if self.cached_prompts is not None else 0
         if self.fim is None or not (suffix or self.is_seq2seq):
             ids = self.tokenizer(prompt)["input_ids"]
-            ids, cut = keep_last(ids, budget, self.bos) if truncate else (ids, Truncation())
+            cut = Truncation()
+            if truncate and len(ids) > budget:
+                kept = self._cut_at_anchor(prompt, budget)
+                ids, cut = keep_last(ids, budget - slack, self.bos) if kept is None else (
+                    kept, Truncation(prefix_tokens=len(ids) - len(kept)))
             return ids, False, cut
-        ids, cut = self.fim.build(prompt, suffix or "", budget)
+        ids, cut = self.fim.build(prompt, suffix or "", budget, slack)
         return ids, True, cut
+
+    def _cut_at_anchor(self, prompt: str, budget: int) -> list[int] | None:
+        """The prompt from its first anchor line whose rest fits ``budget``, or None (no anchoring, none fits).
+
+        A prompt cut token by token to the window starts one token later at every keystroke, and nothing of
+        its cache is reused; cut at an anchor line, it starts at the same line for ~``anchor_lines`` lines.
+        """
+        if not self.anchor_lines or not self.tokenizer.is_fast:
+            return None
+        encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in encoded["offset_mapping"]]
+        for offset in anchor_offsets(prompt, self.anchor_lines):
+            if len(starts) - bisect.bisect_left(starts, offset) + len(self.bos) + SEAM > budget:
+                continue  # the rest is still too long: a later anchor
+            ids = self.tokenizer(prompt[offset:])["input_ids"]
+            if len(ids) <= budget:
+                return ids
+        return None
 
     # -- requests -------------------------------------------------------------------
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
-                best_of: int | None = None, echo: bool = False, request_id: str = "local") -> Request:
-        """Tokenize and check one prompt against this model; build its request (raises EngineError)."""
+                best_of: int | None = None, echo: bool = False, request_id: str = "local",
+                context: PromptContext | None = None) -> Request:
+        """Tokenize and check one prompt (with repository ``context`` in front) against this model; build its request.
+
+        Raises an EngineError when it cannot run on this model.
+        """
         # An echoed prompt is the client's text back, so it is never cut.
         truncate = self.options.truncate_prompts and not echo
         params = self._with_max_tokens(params)
-        ids, used_fim = self._prompt_ids(prompt, suffix, params.max_tokens, truncate, request_id)
+        # Editors that send a suffix cut their prefix a line at a time from the top (Copilot, Continue,
+        # llama.vscode): it starts at an anchor line. A prompt without one may begin at the file's fixed
+        # start (FauxPilot's head, an API caller's whole file), which anchoring would only cut.
+        text = anchored_start(prompt, self.anchor_lines) if suffix is not None and not echo else prompt
+        ids, used_fim, truncated = self._prompt_ids(text, suffix, params.max_tokens, truncate, request_id,
+                                                    None if echo else context)
+        # An echoed prompt's logprobs are of the client's own tokens.
+        realigned = None if echo else self._realign(ids, self.prompt_budget(params.max_tokens, truncate), request_id)
+        ids = list(realigned.ids) if realigned else ids
         params = self._fit_max_tokens(params, len(ids), truncate, request_id)
         self._check_logit_bias(params)
         if suffix and not used_fim:
@@ -121,7 +166,17 @@ class Preparer:
         sequences = [self._sequence(i, prompt, ids, params, healing.text if healing else "") for i in range(runs)]
         chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed)
         return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
-                       used_fim=used_fim, healing=healing)
+                       used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated)
+
+    def _realign(self, ids: list[int], budget: int, request_id: str) -> Realignment | None:
+        """The prompt rewritten to begin like a cached one when its window moved (see anchor.py), else None."""
+        if self.cached_prompts is None:
+            return None
+        realigned = realign(self.cached_prompts(), ids, budget, self.options.anchor_restore_tokens)
+        if realigned is not None:
+            log.info("[%s] prompt anchored on a cached prompt: %d far tokens left out, %d restored, %d reusable",
+                     request_id, realigned.dropped, realigned.restored, realigned.reusable)
+        return realigned
 
     def _with_max_tokens(self, params: SamplingParams) -> SamplingParams:
         """The params with the model's default max_tokens when the client named none."""
@@ -129,9 +184,9 @@ class Preparer:
             return dataclasses.replace(params, max_tokens=self.config.max_tokens)
         return params
 
-    def _prompt_ids(self, prompt: str, suffix: str | None, max_tokens: int, truncate: bool,
-                    request_id: str) -> tuple[list[int], bool]:
-        """The model prompt's ids within the window (truncated when allowed) and whether FIM was used."""
+    def _prompt_ids(self, prompt: str, suffix: str | None, max_tokens: int, truncate: bool, request_id: str,
+                    context: PromptContext | None = None) -> tuple[list[int], bool, bool]:
+        """The model prompt's ids within the window (truncated when allowed), whether FIM was used and anything cut."""
         budget = self.prompt_budget(max_tokens, truncate)
         if budget < 1 or (max_tokens > self.context_length and not truncate):
             raise PromptTooLong(len(self.tokenizer(prompt)["input_ids"]), max_tokens, self.context_length)
@@ -142,13 +197,18 @@ class Preparer:
         if cut:
             log.info("[%s] prompt truncated to fit %d tokens: %d prefix tokens cut at the start, %d suffix tokens "
                      "at the end", request_id, budget, cut.prefix_tokens, cut.suffix_tokens)
+        # Context is cut before the prompt: it goes in only where the whole prompt leaves room.
+        ids, left_out = self.context.place(ids, context, 0 if cut else budget - len(ids))
+        if left_out:
+            log.info("[%s] %d of %d context chunks left out to fit %d tokens", request_id, left_out,
+                     len(context.chunks), budget)
         if not ids:
             # Nothing to condition on: start from the beginning-of-sequence token.
             bos = self.tokenizer.bos_token_id
             ids = [bos if bos is not None else min(self.eos_ids, default=0)]
         if len(ids) > budget:
             raise PromptTooLong(len(ids), max_tokens, self.context_length)
-        return ids, used_fim
+        return ids, used_fim, bool(cut) or left_out > 0
 
     def _fit_max_tokens(self, params: SamplingParams, prompt_tokens: int, truncate: bool,
                         request_id: str) -> SamplingParams:
@@ -176,6 +236,8 @@ class Preparer:
         if params.trim_by_indentation:
             last_line = prompt.rpartition("\n")[2]
             dedent = DedentStop(last_line if not last_line.strip() else None)
+        elif params.min_indent:
+            dedent = IndentStop(params.min_indent)
         budget_ms = self.options.time_budget_ms if params.time_budget_ms is None else params.time_budget_ms
         budget = TimeBudget(budget_ms / 1000) if budget_ms > 0 else None
         stop = StopCondition(self.eos_ids, params.max_tokens, self.stop_strings + params.stop, dedent, budget)

@@ -65,8 +65,11 @@ class FimPrompt:
     def _plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def build(self, prefix: str, suffix: str, budget: int) -> tuple[list[int], Truncation]:
-        """Token ids for the model, at most ``budget`` long: the far ends of prefix and suffix go first."""
+    def build(self, prefix: str, suffix: str, budget: int, slack: int = 0) -> tuple[list[int], Truncation]:
+        """Token ids for the model, at most ``budget`` long: the far ends of prefix and suffix go first.
+
+        A prompt that must be cut is cut ``slack`` tokens deeper (room for its next versions to grow into).
+        """
         room = budget - self.fixed_tokens
         if room < 1:
             raise TemplateError(f"no room for the prompt: {budget} tokens available, the template needs "
@@ -74,6 +77,7 @@ class FimPrompt:
         head, tail = self._plain(prefix), self._plain(suffix)
         cut = Truncation()
         if len(head) + len(tail) > room:
+            room = max(room - slack, 1)
             # Text near the cursor matters most; the suffix keeps at least a quarter of the room.
             keep_tail = min(len(tail), max(room - len(head), room // 4))
             keep_head = min(len(head), room - keep_tail)

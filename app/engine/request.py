@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .anchor import Realignment
 from .errors import RequestTimedOut, ServerStopping
 from .healing import Healing
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
@@ -56,12 +57,15 @@ class Request:
 
     def __init__(self, request_id: str, prompt: str, prompt_ids: tuple[int, ...], params: SamplingParams,
                  sequences: list[SequenceState], chooser: TokenChooser, *, n: int, echo: bool = False,
-                 used_fim: bool = False, healing: Healing | None = None):
+                 used_fim: bool = False, healing: Healing | None = None, realigned: Realignment | None = None,
+                 truncated: bool = False):
         self.id = request_id
         self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
         self.n = n  # choices returned; more sequences than that run for best_of
         self.sequences, self.chooser = sequences, chooser
         self.echo, self.used_fim, self.healing = echo, used_fim, healing
+        self.realigned = realigned  # when the prompt was made to begin like a cached one (see anchor.py)
+        self.truncated = truncated  # the prompt or its repository context was cut to fit the window
         self.echo_logprobs: tuple[TokenLogprob, ...] = ()
         self.live: list[SequenceState] = []  # the sequences in the batch, in row order
         self.next_tokens: list[int] = []  # the token each live sequence feeds next

@@ -10,6 +10,9 @@ from .params import SamplingParams
 
 # (logits [batch, vocab], counts [batch, vocab] or None) -> logits
 LogitsProcessor = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# Below this a temperature picks greedily: sampling at it differs from greedy in name only, and float32
+# logits divided by a much smaller one (1e-225 passes the API's 0..2 check) overflow to inf and NaN.
+MIN_TEMPERATURE = 1e-6
 
 
 class LogitBias:
@@ -46,6 +49,19 @@ class Temperature:
         return logits / self.temperature
 
 
+class TopK:
+    """Keeps the ``top_k`` most likely tokens (llama.cpp's top_k; ties at the k-th logit stay)."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def __call__(self, logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        if self.top_k >= logits.shape[-1]:
+            return logits
+        kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+
 class TopP:
     """Nucleus filtering: keeps the smallest set of tokens whose probability reaches ``top_p``."""
 
@@ -68,9 +84,12 @@ def build_processors(params: SamplingParams, vocab_size: int, device: torch.devi
         chain.append(LogitBias(params.logit_bias, vocab_size, device))
     if params.presence_penalty or params.frequency_penalty:
         chain.append(Penalties(params.presence_penalty, params.frequency_penalty))
-    if params.temperature not in (0.0, 1.0):
+    sampled = params.temperature >= MIN_TEMPERATURE
+    if sampled and params.temperature != 1.0:
         chain.append(Temperature(params.temperature))
-    if params.temperature != 0.0 and params.top_p < 1.0:
+    if sampled and params.top_k > 0:
+        chain.append(TopK(params.top_k))
+    if sampled and params.top_p < 1.0:
         chain.append(TopP(params.top_p))
     return chain
 
@@ -96,7 +115,7 @@ class TokenChooser:
 
     def __init__(self, params: SamplingParams, vocab_size: int, batch: int, device: torch.device,
                  first_allowed: tuple[int, ...] | None = None):
-        self.greedy = params.temperature == 0.0
+        self.greedy = params.temperature < MIN_TEMPERATURE
         self.first_mask = None  # token healing: only these ids may come first
         if first_allowed is not None:
             self.first_mask = torch.full((vocab_size,), float("-inf"), device=device)

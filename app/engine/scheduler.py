@@ -303,6 +303,9 @@ class Scheduler:
             if self.rows.requests and not self.runner.batch.can_join():
                 return  # a seq2seq batch takes one group at a time: the next waits for it to empty
             self._prefilling.remove(entry)
+            if entry.request.params.max_tokens == 0:
+                entry.request.finish()  # a warm-up: its prompt is in the prefix cache now, nothing to decode
+                continue
             self._start_decoding(entry.request, entry.prefill)
 
     def _step_beside(self, prefill) -> bool:

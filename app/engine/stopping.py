@@ -72,6 +72,37 @@ class DedentStop:
         return tail if "\n" in text[len(text) - tail:] else 0
 
 
+class IndentStop:
+    """llama.cpp's ``n_indent``: the completion ends before a later line indented by fewer than ``minimum`` characters.
+
+    The editor plugins send the cursor line's indentation, so a completion that leaves the
+    cursor's block stops there. As in llama.cpp, indentation is counted in characters (a tab
+    is one), the completion's first line (the rest of the cursor's line) is never checked, and
+    the text ends at the start of the offending line. Unlike llama.cpp, a blank line does not
+    end it: blank lines inside a block are common.
+    """
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+
+    def find(self, text: str) -> int | None:
+        """Where the completion ends (the start of the first under-indented line), or None while none is."""
+        start = text.find("\n") + 1
+        while 0 < start < len(text):
+            end = text.find("\n", start)
+            line = text[start:] if end < 0 else text[start:end]
+            code = line.lstrip(" \t")
+            if code and len(line) - len(code) < self.minimum:
+                return start
+            start = end + 1 if end >= 0 else 0
+        return None
+
+    def held_back(self, text: str) -> int:
+        """Text to hold: a line begun with only whitespace (and its line end) may still turn out to be under-indented."""
+        newline = text.rfind("\n")
+        return len(text) - newline if newline >= 0 and not text[newline + 1:].strip(" \t") else 0
+
+
 class TimeBudget:
     """llama.cpp's ``t_max_predict_ms``: once ``seconds`` of decoding have passed, end at the next newline.
 
@@ -117,7 +148,7 @@ class StopCondition:
     """
 
     def __init__(self, eos_ids: frozenset[int], max_tokens: int, stops: tuple[str, ...],
-                 dedent: DedentStop | None = None, budget: TimeBudget | None = None):
+                 dedent: DedentStop | IndentStop | None = None, budget: TimeBudget | None = None):
         self.eos_ids = eos_ids
         self.max_tokens = max_tokens
         self.stops = stops

@@ -1,0 +1,221 @@
+"""Anchoring moved prompts on cached ones: the rewrite rule, and the engine reusing a slid window's cache."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.engine import Engine, SamplingParams
+from app.engine.anchor import anchor_offsets, anchored_start, realign
+from tests.tiny_models import SAMPLE_CODE
+
+HEAD = list(range(1000, 1030))  # a fixed head, like FauxPilot's first 31 lines
+LINES = [list(range(i * 10, i * 10 + 10)) for i in range(300)]  # distinct 10-token "lines"
+
+
+def window(first: int, last: int, head: list[int] = HEAD) -> list[int]:
+    """BOS, the head, then lines first..last-1: one editor prompt."""
+    return [1, *head, *sum(LINES[first:last], [])]
+
+
+def test_slid_window_reuses_the_whole_cached_prompt():
+    """One line in at the cursor, one out at the top: the line that left is restored, the cache covers the rest."""
+    cached, new = window(10, 130), window(11, 131)
+    result = realign([cached], new, budget=4000, limit=512)
+    assert result is not None
+    assert result.ids[:len(cached)] == tuple(cached)
+    assert result.ids[len(cached):] == tuple(LINES[130])
+    assert (result.reusable, result.restored, result.dropped) == (len(cached), 10, 0)
+    assert result.original == tuple(new)
+
+
+def test_window_that_moved_past_the_limit_is_left_as_is():
+    """Beyond ``limit`` tokens of far context the client's own prompt is used (and becomes the next anchor)."""
+    assert realign([window(10, 130)], window(70, 190), budget=4000, limit=512) is None
+    assert realign([window(10, 130)], window(11, 131), budget=4000, limit=5) is None
+
+
+def test_rewrite_that_would_not_fit_the_budget_is_left_as_is():
+    """The restored lines must fit the prompt budget too."""
+    cached, new = window(10, 130), window(11, 131)
+    assert realign([cached], new, budget=len(new), limit=512) is None
+    assert realign([cached], new, budget=len(new) + 10, limit=512) is not None
+
+
+def test_an_edit_after_a_long_shared_start_is_never_undone():
+    """Text changed on both sides after a long shared start is the developer's edit, not a moved window."""
+    cached = window(10, 130)
+    edited = [*cached[:400], *range(5000, 5005), *cached[410:], *LINES[130]]  # a line in the middle rewritten
+    assert realign([cached], edited, budget=4000, limit=512) is None
+
+
+def test_lines_dropped_at_the_very_start_may_swap_both_sides():
+    """At the prompt's start (Continue's shuffled snippets) both sides are context: the cached start is kept."""
+    snippets_a, snippets_b = list(range(7000, 7040)), list(range(7040, 7000, -1))
+    cached = [*snippets_a, *sum(LINES[10:40], [])]
+    new = [*snippets_b, *sum(LINES[11:41], [])]
+    result = realign([cached], new, budget=4000, limit=512)
+    assert result is not None and result.ids[:len(cached)] == tuple(cached)
+    assert result.ids[len(cached):] == tuple(LINES[40])
+
+
+def test_exact_extension_is_left_to_the_prefix_cache():
+    """A prompt that extends a cached one needs no rewrite."""
+    cached = window(10, 130)
+    assert realign([cached], cached + LINES[130], budget=4000, limit=512) is None
+
+
+def test_best_of_several_cached_prompts_is_chosen():
+    """Of several candidates, the one that lets the most tokens be reused wins."""
+    far, near = window(0, 60), window(10, 130)
+    result = realign([far, near], window(11, 131), budget=4000, limit=512)
+    assert result is not None and result.reusable == len(near)
+
+
+# -- the engine ------------------------------------------------------------------------
+
+def _session_prompts(engine) -> tuple[str, str]:
+    """Two editor prompts of ~200 tokens: a fixed head, then a window of lines that slid down by one."""
+    lines = (SAMPLE_CODE * 3).splitlines(keepends=True)
+    head = "".join(lines[:2])
+
+    def prompt(first: int, last: int) -> str:
+        return head + "".join(lines[first:last])
+
+    last = 3
+    while len(engine.tokenizer(prompt(3, last + 1))["input_ids"]) < 200:
+        last += 1
+    return prompt(3, last), prompt(4, last + 1)
+
+
+def _greedy(max_tokens: int = 8) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def _engine_with(engine, **changes) -> Engine:
+    """The tiny model under other engine options."""
+    return Engine(engine.config, engine.model, engine.tokenizer, engine.device,
+                  dataclasses.replace(engine.options, **changes))
+
+
+@pytest.fixture()
+def restoring(engine):
+    """The tiny model restoring moved prompts onto cached ones (the approximate setting)."""
+    return _engine_with(engine, anchor_restore_tokens=512)
+
+
+def test_engine_reuses_the_cache_of_a_slid_window(restoring):
+    """The second prompt of a sliding session is restored onto the first and reuses its whole prefill."""
+    first, second = _session_prompts(restoring)
+    restoring.complete(restoring.prepare(first, _greedy()))
+    request = restoring.prepare(second, _greedy())
+    assert request.realigned is not None and request.realigned.restored > 0
+    restoring.complete(request)
+    assert request.reused >= len(request.prompt_ids) - 2 * restoring.runner.small_block
+    assert request.reused > len(request.prompt_ids) // 2
+
+
+def test_default_never_restores(engine):
+    """By default (anchor_restore_tokens 0) a slid window runs as sent and is computed again."""
+    first, second = _session_prompts(engine)
+    engine.forget()
+    engine.complete(engine.prepare(first, _greedy()))
+    request = engine.prepare(second, _greedy())
+    assert request.realigned is None
+    sent = tuple(engine.tokenizer(second)["input_ids"])
+    assert request.prompt_ids == sent[:len(request.prompt_ids)] and len(request.prompt_ids) >= len(sent) - 1  # healing
+    engine.complete(request)
+    assert request.reused < len(request.prompt_ids) // 2
+
+
+def test_restored_answer_is_the_answer_to_its_own_prompt(engine):
+    """Reuse stays exact: the restored prompt's answer equals a cold run of the same text with no cache."""
+    restoring = _engine_with(engine, token_healing=False, anchor_restore_tokens=512)
+    exact = _engine_with(engine, token_healing=False, prefix_cache=False)
+    first, second = _session_prompts(engine)
+    restoring.complete(restoring.prepare(first, _greedy()))
+    restored = restoring.prepare(second, _greedy(16))
+    warm = restoring.complete(restored)[0]
+    assert restored.realigned is not None and restored.reused > 0
+    cold_request = exact.prepare(engine.decode(restored.prompt_ids), _greedy(16))
+    assert cold_request.prompt_ids == restored.prompt_ids  # whole lines: the text tokenizes back the same
+    cold = exact.complete(cold_request)[0]
+    assert cold_request.reused == 0
+    assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
+
+
+def test_a_prompt_cut_to_the_window_is_cut_deeper_by_the_slack(engine, restoring):
+    """With restoring on, prompts too long for the window leave room for their next versions to restore."""
+    exact = _engine_with(engine, anchor_lines=0)
+    long_prompt = SAMPLE_CODE * 8
+    budget = engine.preparer.prompt_budget(16, truncate=True)
+    slack = min(restoring.options.anchor_restore_tokens, budget // 8)
+    with_slack = _engine_with(restoring, anchor_lines=0).prepare(long_prompt, _greedy(16))
+    without = exact.prepare(long_prompt, _greedy(16))
+    healed = 1 if without.healing else 0
+    assert len(without.prompt_ids) + healed == budget
+    assert len(with_slack.prompt_ids) + healed == budget - slack
+
+
+# -- exact anchoring: the prompt starts at a line chosen by its content -----------------------
+
+CODE_LINES = [f"    value_{i} = compute_{i % 7}(value_{i - 1}, {i})\n" for i in range(1, 400)]
+
+
+def test_anchored_start_stays_put_while_the_cut_moves_down():
+    """As the client's cut moves down line by line, the anchored start stays on one line, then jumps to the next."""
+    starts = []
+    for first in range(100, 140):
+        text = "".join(CODE_LINES[first:first + 150])
+        kept = anchored_start(text, 16)
+        assert text.endswith(kept) and len(kept) < len(text) or kept == text
+        starts.append(CODE_LINES.index(kept.splitlines(keepends=True)[0]))
+    changes = sum(1 for a, b in zip(starts, starts[1:]) if a != b)
+    assert all(first <= start < first + 32 for first, start in zip(range(100, 140), starts))
+    assert changes <= 8  # ~40 lines moved / 16: a cold prefill every ~16 lines, not every line
+
+
+def test_anchored_start_leaves_short_prompts_and_disabled_setting_alone():
+    """Short prompts are cheap to compute again; period 0 is the prompt as sent."""
+    short = "".join(CODE_LINES[:40])
+    long = "".join(CODE_LINES[:200])
+    assert anchored_start(short, 16) == short
+    assert anchored_start(long, 0) == long
+    assert anchor_offsets(long, 16) and all(long[o - 1] == "\n" for o in anchor_offsets(long, 16) if o)
+
+
+def _long_prompt(typed: str = "") -> str:
+    """An editor prefix of 80 code lines (longer than the tiny window) and what the developer typed after it."""
+    return "".join(CODE_LINES[100:180]) + "    result = " + typed
+
+
+def test_engine_cuts_a_long_prompt_at_an_anchor_line_and_reuses_it(engine):
+    """A prompt cut to the window at an anchor line keeps its start while the developer types: its cache is reused.
+
+    Cut token by token instead, the start moves with every keystroke and nothing is reused.
+    """
+    anchoring = _engine_with(engine, anchor_lines=2)
+    exact = _engine_with(engine, anchor_lines=0)
+    for server in (anchoring, exact):
+        server.complete(server.prepare(_long_prompt(), _greedy()))
+    anchored, plain = (server.prepare(_long_prompt("comp"), _greedy()) for server in (anchoring, exact))
+    anchoring.complete(anchored), exact.complete(plain)
+    first_line = anchoring.decode(anchored.prompt_ids).splitlines(keepends=True)[0]
+    assert first_line in CODE_LINES  # a whole line
+    assert anchored.truncated and plain.truncated
+    assert anchored.reused > len(anchored.prompt_ids) // 2
+    assert plain.reused == 0
+
+
+def test_anchored_answer_is_the_cold_answer(engine):
+    """Exact: an anchored request answered from a warm cache equals the same request with no cache."""
+    anchoring = _engine_with(engine, anchor_lines=2)
+    anchoring.complete(anchoring.prepare(_long_prompt(), _greedy()))
+    warm_request = anchoring.prepare(_long_prompt("comp"), _greedy(16))
+    warm = anchoring.complete(warm_request)[0]
+    fresh = _engine_with(engine, anchor_lines=2)  # its cache is empty
+    cold_request = fresh.prepare(_long_prompt("comp"), _greedy(16))
+    assert cold_request.prompt_ids == warm_request.prompt_ids
+    cold = fresh.complete(cold_request)[0]
+    assert warm_request.reused > 0 and cold_request.reused == 0
+    assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
