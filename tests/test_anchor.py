@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from app.engine import Engine, SamplingParams
-from app.engine.anchor import anchor_offsets, anchored_start, realign
+from app.engine.anchor import anchor_offsets, anchored_start, realign, slid_seam
 from tests.tiny_models import SAMPLE_CODE
 
 HEAD = list(range(1000, 1030))  # a fixed head, like FauxPilot's first 31 lines
@@ -171,7 +171,7 @@ def test_anchored_start_stays_put_while_the_cut_moves_down():
         assert text.endswith(kept) and len(kept) < len(text) or kept == text
         starts.append(CODE_LINES.index(kept.splitlines(keepends=True)[0]))
     changes = sum(1 for a, b in zip(starts, starts[1:]) if a != b)
-    assert all(first <= start < first + 32 for first, start in zip(range(100, 140), starts))
+    assert all(first <= start < first + 64 for first, start in zip(range(100, 140), starts))
     assert changes <= 8  # ~40 lines moved / 16: a cold prefill every ~16 lines, not every line
 
 
@@ -219,3 +219,38 @@ def test_anchored_answer_is_the_cold_answer(engine):
     cold = fresh.complete(cold_request)[0]
     assert warm_request.reused > 0 and cold_request.reused == 0
     assert (warm.text, warm.cumulative_logprob) == (cold.text, cold.cumulative_logprob)
+
+
+def _fauxpilot_prompt(top: int) -> str:
+    """FauxPilot's shape past line 150: a fixed head, a newline, then a window of lines whose top is ``top``."""
+    head = "import os\nimport sys\n\nCONSTANT_VALUE = compute_all(os, sys)  # head"
+    return head + "\n" + "".join(CODE_LINES[top:top + 70]) + "    result = "
+
+
+def test_window_under_a_fixed_head_starts_at_an_anchor_line(engine):
+    """FauxPilot: once a slid window is seen under the same head, the window starts at an anchor line and stays."""
+    wide = _engine_with(engine, anchor_lines=4)
+    wide.config = dataclasses.replace(engine.config, context_length=2048)
+    wide.preparer.context_length = 2048
+    first = wide.prepare(_fauxpilot_prompt(100), _greedy(4))
+    assert engine.decode(first.prompt_ids).startswith(_fauxpilot_prompt(100)[:60])  # nothing cached: as sent
+    wide.complete(first)
+    requests = []
+    for top in (101, 102):  # CODE_LINES[102] is the first anchor line (period 4) at or below both tops
+        request = wide.prepare(_fauxpilot_prompt(top), _greedy(4))
+        wide.complete(request)
+        requests.append(request)
+    texts = [engine.decode(r.prompt_ids) for r in requests]
+    head = _fauxpilot_prompt(0).split("\n    value_")[0] + "\n"
+    assert all(text.startswith(head + CODE_LINES[102]) for text in texts)  # the window starts at the anchor line
+    assert requests[1].reused >= len(requests[1].prompt_ids) - 64  # and stays there: the cache covers it
+
+
+def test_slid_seam_is_the_end_of_the_shared_head_and_never_an_edit():
+    """The seam is found for a window that slid under a head, not for lines the developer rewrote."""
+    head = list(range(1000, 1040))  # at least min_head (32) tokens
+    cached = window(10, 130, head)
+    assert slid_seam([cached], window(11, 131, head)) == 1 + len(head)
+    edited = [*cached[:400], *range(5000, 5005), *cached[410:], *LINES[130]]
+    assert slid_seam([cached], edited) is None
+    assert slid_seam([cached], window(11, 131, head=[])) is None  # no head shared: nothing to anchor below

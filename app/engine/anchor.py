@@ -64,6 +64,23 @@ def realign(cached: Iterable[Sequence[int]], ids: Sequence[int], budget: int, li
     return best
 
 
+def slid_seam(cached: Iterable[Sequence[int]], ids: Sequence[int], min_head: int = 32, limit: int = 1024) -> int | None:
+    """Where ``ids`` parts from a cached prompt whose window slid down below a shared head, or None.
+
+    FauxPilot sends a fixed head (the file's first 31 lines) and then the last 119 lines to
+    the cursor: each new line moves the window's top under an unchanged head. The seam is
+    the end of the longest shared head (at least ``min_head`` tokens) after which the new
+    prompt's text reappears in the cached one a little further on, with lines gone on one side
+    only (an edit changes both sides, and is left alone).
+    """
+    best = None
+    for candidate in cached:
+        start = common_prefix_length(candidate, ids)
+        if start >= min_head and (best is None or start > best) and _best_run(candidate, ids, limit):
+            best = start
+    return best
+
+
 def _best_run(cached: Sequence[int], ids: Sequence[int], limit: int) -> tuple[int, int, int] | None:
     """(i, j, m) of the longest-reaching run ``cached[i:i+m] == ids[j:j+m]`` that starts within ``limit`` of the shared start.
 
@@ -110,7 +127,7 @@ def anchored_start(text: str, period: int, min_lines: int = 64) -> str:
     from the top a line at a time as the developer types (Copilot, Continue, llama.vscode's
     256 lines); the first anchor line at or below the client's cut stays the first line of the
     model's prompt until the client's cut passes it, so successive prompts share their whole
-    start and the prefix cache reuses it, at the price of ~``period`` / 2 far lines of context.
+    start and the prefix cache reuses it, at the price of ~``period`` far lines of context.
     Short prompts (under ``min_lines`` lines) are cheap to compute again and are left whole.
     """
     if period <= 0:
@@ -118,10 +135,11 @@ def anchored_start(text: str, period: int, min_lines: int = 64) -> str:
     lines = text.splitlines(keepends=True)
     if len(lines) < max(min_lines, 4 * period):
         return text
-    for index, line in enumerate(lines[:2 * period]):
+    # Gaps between anchors are geometric: over 4 periods in e^-4 (2%) of places, where the prompt goes as sent.
+    for index, line in enumerate(lines[:4 * period]):
         if _is_anchor(line, period):
             return "".join(lines[index:])
-    return text  # no anchor near the top (rare: e^-2 of windows): the prompt as sent
+    return text
 
 
 def anchor_offsets(text: str, period: int) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 
 from config import EngineOptions, ModelConfig
 
-from .anchor import SEAM, Realignment, anchor_offsets, anchored_start, realign
+from .anchor import SEAM, Realignment, anchor_offsets, anchored_start, realign, slid_seam
 from .context import ContextPlacer
 from .errors import InvalidParameter, PromptTooLong
 from .healing import TokenHealer
@@ -33,6 +33,7 @@ class Preparer:
         self.config, self.tokenizer, self.device, self.options = config, tokenizer, device, options
         # Anchoring only pays where a prefix cache reuses what it lines up (anchor.py).
         self.anchor_lines = options.anchor_lines if cached_prompts is not None else 0
+        self.prefix_prompts = cached_prompts  # to find the seam under a fixed head (anchor.slid_seam)
         # The prefix cache's prompts, to restore moved prompts onto (None: no cache, or never).
         self.cached_prompts = cached_prompts if options.anchor_restore_tokens > 0 else None
         self.is_seq2seq = config.kind == "seq2seq"
@@ -147,7 +148,8 @@ class Preparer:
         # Editors that send a suffix cut their prefix a line at a time from the top (Copilot, Continue,
         # llama.vscode): it starts at an anchor line. A prompt without one may begin at the file's fixed
         # start (FauxPilot's head, an API caller's whole file), which anchoring would only cut.
-        text = anchored_start(prompt, self.anchor_lines) if suffix is not None and not echo else prompt
+        text = prompt if echo else anchored_start(prompt, self.anchor_lines) if suffix is not None else (
+            self._anchor_below_head(prompt))
         ids, used_fim, truncated = self._prompt_ids(text, suffix, params.max_tokens, truncate, request_id,
                                                     None if echo else context)
         # An echoed prompt's logprobs are of the client's own tokens.
@@ -167,6 +169,22 @@ class Preparer:
         chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed)
         return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
                        used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated)
+
+    def _anchor_below_head(self, prompt: str) -> str:
+        """A prompt whose window slid under a fixed head (FauxPilot's), its window starting at an anchor line.
+
+        The head is found as the beginning it shares with a cached prompt whose window slid: with
+        nothing cached the prompt runs as sent, and the next one is anchored below the same head.
+        """
+        if not self.anchor_lines or not self.tokenizer.is_fast:
+            return prompt
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        seam = slid_seam(self.prefix_prompts(), encoded["input_ids"])
+        if seam is None:
+            return prompt
+        # The window starts at the line of the seam's first character (that may be the newline before it).
+        window = prompt.rfind("\n", 0, encoded["offset_mapping"][seam][0] + 1) + 1
+        return prompt[:window] + anchored_start(prompt[window:], self.anchor_lines)
 
     def _realign(self, ids: list[int], budget: int, request_id: str) -> Realignment | None:
         """The prompt rewritten to begin like a cached one when its window moved (see anchor.py), else None."""
