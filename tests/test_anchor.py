@@ -177,7 +177,7 @@ def test_anchored_start_stays_put_while_the_cut_moves_down():
 
 def test_anchored_start_leaves_short_prompts_and_disabled_setting_alone():
     """Short prompts are cheap to compute again; period 0 is the prompt as sent."""
-    short = "".join(CODE_LINES[:40])
+    short = "".join(CODE_LINES[:90])
     long = "".join(CODE_LINES[:200])
     assert anchored_start(short, 16) == short
     assert anchored_start(long, 0) == long
@@ -224,14 +224,13 @@ def test_anchored_answer_is_the_cold_answer(engine):
 def _fauxpilot_prompt(top: int) -> str:
     """FauxPilot's shape past line 150: a fixed head, a newline, then a window of lines whose top is ``top``."""
     head = "import os\nimport sys\n\nCONSTANT_VALUE = compute_all(os, sys)  # head"
-    return head + "\n" + "".join(CODE_LINES[top:top + 70]) + "    result = "
+    return head + "\n" + "".join(CODE_LINES[top:top + 100]) + "    result = "
 
 
 def test_window_under_a_fixed_head_starts_at_an_anchor_line(engine):
     """FauxPilot: once a slid window is seen under the same head, the window starts at an anchor line and stays."""
-    wide = _engine_with(engine, anchor_lines=4)
-    wide.config = dataclasses.replace(engine.config, context_length=2048)
-    wide.preparer.context_length = 2048
+    wide = Engine(dataclasses.replace(engine.config, context_length=4096), engine.model, engine.tokenizer,
+                  engine.device, dataclasses.replace(engine.options, anchor_lines=4))
     first = wide.prepare(_fauxpilot_prompt(100), _greedy(4))
     assert engine.decode(first.prompt_ids).startswith(_fauxpilot_prompt(100)[:60])  # nothing cached: as sent
     wide.complete(first)

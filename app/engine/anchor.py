@@ -119,7 +119,7 @@ def _far_end_swap(start: int, i: int, j: int) -> bool:
     return i - start <= SEAM or j - start <= SEAM or start <= SEAM
 
 
-def anchored_start(text: str, period: int, min_lines: int = 64) -> str:
+def anchored_start(text: str, period: int, min_lines: int = 96) -> str:
     """``text`` from its first anchor line on: a line chosen by its own content, about one in ``period``.
 
     This is the exact kind of anchoring, on by default: the cut depends on the prompt alone,
@@ -128,7 +128,9 @@ def anchored_start(text: str, period: int, min_lines: int = 64) -> str:
     256 lines); the first anchor line at or below the client's cut stays the first line of the
     model's prompt until the client's cut passes it, so successive prompts share their whole
     start and the prefix cache reuses it, at the price of ~``period`` far lines of context.
-    Short prompts (under ``min_lines`` lines) are cheap to compute again and are left whole.
+    Short prompts (under ``min_lines`` lines, ~1,000 tokens of code) are cheap to compute again and
+    are left whole: Continue's ~300-token prefix behind snippets it shuffles per request reused less
+    anchored than as sent (17% of its prompt tokens against 28%, ``python -m bench.fidelity``).
     """
     if period <= 0:
         return text
