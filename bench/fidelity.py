@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .corpus import stdlib_files
+from .editors import Doc, continue_prompt, copilot_prompt, fauxpilot_prompt
 
 log = logging.getLogger("bench.fidelity")
 REPO = Path(__file__).resolve().parent.parent
@@ -41,58 +42,34 @@ class Step:
     expected: str  # the rest of the line as the file has it
 
 
-def fauxpilot_prompt(lines: list[str], cursor: int, column: int) -> str:
-    """VSCode FauxPilot's prompt: the file to the cursor, or past line 150 a fixed head and the last 119 lines."""
-    current = lines[cursor][:column]
-    if cursor <= 150:
-        return "".join(lines[:cursor]) + current
-    head = "".join(lines[:31]) + lines[31][:200]
-    return head + "\n" + "".join(lines[cursor - 119:cursor]) + current
+def snippets_of(paths: list[Path], start: int = 40, size: int = 12) -> list[tuple[str, str]]:
+    """(path, code) snippets of other files: Continue's context in front of its prefix."""
+    return [(f"Lib/{p.name}", "".join(p.read_text(encoding="utf-8").splitlines(keepends=True)[start:start + size]))
+            for p in paths]
 
 
-def line_cut_prompt(lines: list[str], cursor: int, column: int, budget: int, count: Callable[[str], int]) -> str:
-    """Copilot's prefix: the document to the cursor, whole lines dropped from the top until it fits ``budget`` tokens."""
-    first = 0
-    text = "".join(lines[:cursor]) + lines[cursor][:column]
-    while count(text) > budget and first < cursor:
-        # Drop lines in steps sized by the overshoot: a token count per dropped line would be slow.
-        first = min(cursor, first + max(1, (count(text) - budget) // 12))
-        text = "".join(lines[first:cursor]) + lines[cursor][:column]
-    return text
-
-
-def continue_prompt(lines: list[str], cursor: int, column: int, snippets: list[str], rng: random.Random,
-                    count: Callable[[str], int], budget: int = 307) -> str:
-    """Continue's prompt: commented snippets shuffled per request, then a ~307-token prefix pruned from the top."""
-    shuffled = snippets[:]
-    rng.shuffle(shuffled)
-    return "".join(shuffled) + line_cut_prompt(lines, cursor, column, budget, count)
-
-
-def snippet(path: Path, start: int, size: int = 12) -> str:
-    """A commented, path-headed snippet of another file, as Continue puts repository context in front."""
-    body = path.read_text(encoding="utf-8").splitlines(keepends=True)[start:start + size]
-    return f"# Path: {path.name}\n" + "".join(f"# {line}" for line in body)
+def step_of(style: str, doc: Doc, snippets: list[tuple[str, str]], count: Callable[[str], int],
+            rng: random.Random) -> tuple[str, str | None]:
+    """(prompt, suffix) as the client of ``style`` sends them at ``doc``'s cursor (bench/editors.py)."""
+    if style == "fauxpilot":
+        return fauxpilot_prompt(doc), None
+    if style == "copilot":
+        prompt = copilot_prompt(doc, [], count, window=8192)
+        return prompt.prefix, prompt.suffix
+    return continue_prompt(doc, snippets, count, rng)
 
 
 def session(style: str, path: Path, first_line: int, steps: int, count: Callable[[str], int],
             rng: random.Random) -> Iterator[Step]:
     """The prompts of one developer typing line after line of ``path`` from ``first_line``, in a client's shape."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    others = [p for p in stdlib_files() if p != path][:3]
-    snippets = [snippet(p, 40 + 10 * i) for i, p in enumerate(others)]
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    snippets = snippets_of([p for p in stdlib_files() if p != path][:3])
     for cursor in range(first_line, min(first_line + steps, len(lines) - 1)):
         column = len(lines[cursor].rstrip("\n")) // 2  # mid-line: the developer is typing it
-        expected = lines[cursor][column:].rstrip("\n")
-        suffix = "".join(lines[cursor + 1:cursor + 65])  # from the next line, as Copilot and llama.vscode send it
-        if style == "fauxpilot":
-            yield Step(style, path.name, cursor, fauxpilot_prompt(lines, cursor, column), None, ("\n",), expected)
-        elif style == "copilot":
-            prompt = line_cut_prompt(lines, cursor, column, 1500, count)
-            yield Step(style, path.name, cursor, prompt, suffix, ("\n",), expected)
-        else:
-            prompt = continue_prompt(lines, cursor, column, snippets, rng, count)
-            yield Step(style, path.name, cursor, prompt, suffix, ("\n",), expected)
+        doc = Doc(text, sum(len(line) for line in lines[:cursor]) + column, path.name)
+        prompt, suffix = step_of(style, doc, snippets, count, rng)
+        yield Step(style, path.name, cursor, prompt, suffix, ("\n",), lines[cursor][column:].rstrip("\n"))
 
 
 MODES = {"sent": {"anchor_lines": 0, "anchor_restore_tokens": 0}, "anchored": {},
