@@ -277,7 +277,10 @@ def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
              "`tokens_cached`); llama.vscode's warm-ups (`n_predict: 0`) are left out of it. Awaited latency "
              "counts from when the client would send (after its own debounce), including any wait for its previous "
              "request; timed-out answers count as the cap (≥). Fidelity: the share of anchored answers equal to "
-             "the cold answer, from the newest `python -m bench.fidelity` results, if any (ours only).")
+             "the cold answer, from the newest `python -m bench.fidelity` results, if any (ours only). llama-server gets "
+             "Copilot's and Continue's requests without `suffix` (its /v1/completions refuses one) and ignores "
+             "`extra.context`, so its prompts there are shorter; for /infill it is started with FIM stand-in tokens "
+             "when the model has none (see bench/README.md).")
     return ("## Editor sessions\n\n" + sessions_table(systems, clients) + "\n\n" + notes
             + "\n\n### Session targets\n\n" + session_targets(systems, clients) + "\n")
 
