@@ -276,8 +276,10 @@ def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
              "server's own count: `timings.cache_n`, `usage.prompt_tokens_details.cached_tokens` or /infill's "
              "`tokens_cached`); llama.vscode's warm-ups (`n_predict: 0`) are left out of it. Awaited latency "
              "counts from when the client would send (after its own debounce), including any wait for its previous "
-             "request; timed-out answers count as the cap (≥). Fidelity: the share of anchored answers equal to "
-             "the cold answer, from the newest `python -m bench.fidelity` results, if any (ours only). llama-server gets "
+             "request; timed-out answers count as the cap (≥). Fidelity: with the default anchoring, the share of "
+             "answers to prompts it changed that equal the answer to the prompt as sent, from the newest "
+             "`python -m bench.fidelity` results, if any (ours only; its reuse is exact, so a warm answer is "
+             "always the cold one). llama-server gets "
              "Copilot's and Continue's requests without `suffix` (its /v1/completions refuses one) and ignores "
              "`extra.context`, so its prompts there are shorter; for /infill it is started with FIM stand-in tokens "
              "when the model has none (see bench/README.md).")
@@ -286,7 +288,7 @@ def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
 
 
 def latest_fidelity(out: Path) -> dict[str, Any]:
-    """Per client style, ``fidelity_anchored`` from the newest fidelity-*.json in ``out``; {} when none."""
+    """Per client style, the default mode's agreement with the prompt as sent, from the newest fidelity-*.json."""
     files = sorted(out.glob("fidelity-*.json"))
     if not files:
         return {}
@@ -294,7 +296,8 @@ def latest_fidelity(out: Path) -> dict[str, Any]:
         summary = json.loads(files[-1].read_text(encoding="utf-8")).get("summary") or {}
     except (OSError, ValueError):
         return {}
-    styles = {style: row.get("fidelity_anchored") for style, row in summary.items() if isinstance(row, dict)}
+    styles = {style: (modes.get("anchored") or {}).get("same_when_changed")
+              for style, modes in summary.items() if isinstance(modes, dict)}
     return {"file": str(files[-1]), "styles": styles}
 
 

@@ -276,9 +276,10 @@ def test_fim_stand_ins_only_for_a_vocabulary_without_fim_tokens(tmp_path):
 
 
 def test_latest_fidelity_reads_the_newest_file(tmp_path):
+    """The default mode's agreement per style comes from the newest bench.fidelity file."""
     assert latest_fidelity(tmp_path) == {}
     (tmp_path / "fidelity-20260101-000000.json").write_text(json.dumps({"summary": {"copilot": {
-        "fidelity_anchored": 0.5}}}))
+        "anchored": {"same_when_changed": 0.5}}}}))
     (tmp_path / "fidelity-20260102-000000.json").write_text(json.dumps({"summary": {"copilot": {
-        "fidelity_anchored": 0.9}}}))
+        "anchored": {"same_when_changed": 0.9}, "restored": {"same_when_changed": 0.1}}}}))
     assert latest_fidelity(tmp_path)["styles"] == {"copilot": 0.9}
