@@ -252,4 +252,24 @@ def test_slid_seam_is_the_end_of_the_shared_head_and_never_an_edit():
     assert slid_seam([cached], window(11, 131, head)) == 1 + len(head)
     edited = [*cached[:400], *range(5000, 5005), *cached[410:], *LINES[130]]
     assert slid_seam([cached], edited) is None
-    assert slid_seam([cached], window(11, 131, head=[])) is None  # no head shared: nothing to anchor below
+    assert slid_seam([cached], window(11, 131, head=[])) == 1  # a window cut from the top: the seam is its start
+    assert slid_seam([cached], window(11, 131, head), min_head=64) is None
+    assert slid_seam([window(0, 120, [])], window(0, 121, [])) is None  # a start that stays put: never cut
+
+
+def test_prefix_cut_from_the_top_is_anchored_once_it_moves_and_never_before(engine):
+    """Copilot's shape: a prefix whose top stays put runs as sent; once its top moves, it starts at an anchor line."""
+    wide = Engine(dataclasses.replace(engine.config, context_length=4096), engine.model, engine.tokenizer,
+                  engine.device, dataclasses.replace(engine.options, anchor_lines=4))
+
+    def prefix(top: int, typed: str = "") -> str:
+        return "".join(CODE_LINES[top:top + 100]) + "    result = " + typed
+
+    def sent(top: int, typed: str = "") -> str:
+        request = wide.prepare(prefix(top, typed), _greedy(4), suffix="\n    return result\n")
+        wide.complete(request)
+        return engine.decode(request.prompt_ids)
+
+    assert sent(100).startswith(CODE_LINES[100])
+    assert sent(100, "comp").startswith(CODE_LINES[100])  # the top stayed put: nothing cut
+    assert sent(101, "compute").startswith(CODE_LINES[102])  # moved: the first anchor line at or below its top

@@ -64,14 +64,16 @@ def realign(cached: Iterable[Sequence[int]], ids: Sequence[int], budget: int, li
     return best
 
 
-def slid_seam(cached: Iterable[Sequence[int]], ids: Sequence[int], min_head: int = 32, limit: int = 1024) -> int | None:
+def slid_seam(cached: Iterable[Sequence[int]], ids: Sequence[int], min_head: int = 0, limit: int = 1024) -> int | None:
     """Where ``ids`` parts from a cached prompt whose window slid down below a shared head, or None.
 
-    FauxPilot sends a fixed head (the file's first 31 lines) and then the last 119 lines to
-    the cursor: each new line moves the window's top under an unchanged head. The seam is
-    the end of the longest shared head (at least ``min_head`` tokens) after which the new
+    Copilot, Continue and llama.vscode cut the file from the top, so their window's top moves
+    (a head of 0 tokens, or a BOS); FauxPilot sends a fixed head (the file's first 31 lines)
+    and then the last 119 lines, so its window's top moves under an unchanged head. The seam
+    is the end of the longest shared head (at least ``min_head`` tokens) after which the new
     prompt's text reappears in the cached one a little further on, with lines gone on one side
-    only (an edit changes both sides, and is left alone).
+    only (an edit changes both sides after a head, and is left alone). A prompt whose start
+    has not moved (a file shorter than the client's budget) has no seam and is never cut.
     """
     best = None
     for candidate in cached:
