@@ -1,14 +1,14 @@
 """``python -m bench.fidelity``: how often anchored prompts (app/engine/anchor.py) get the answer the prompt as sent gets.
 
 Both kinds of anchoring change what the model reads at the far end of a prompt whose top
-moved: ``anchor_lines`` (exact, the default) starts a long prompt at a line chosen by its own
-content, so a warm answer is always the cold answer to the same request but a few far lines are
-left out; ``anchor_restore_tokens`` (approximate, off by default) restores up to that many far
-tokens of a cached prompt, so the answer depends on what the cache held. This replays sliding
-editor sessions over real standard-library code, one line typed per step, in three clients'
-prompt shapes, and at every step asks three engines over the same weights for a greedy answer:
-the prompt as sent (no anchoring), the default settings, and restoring on. Answers are never
-replayed from the answer cache.
+moved: ``anchor_lines`` (the default) starts the moving part at a line chosen by its own content
+and leaves a few far lines out, reusing the cache exactly; ``anchor_restore_tokens``
+(approximate, off by default) restores up to that many far tokens of a cached prompt, so the
+answer depends on what the cache held. This replays sliding editor sessions over real
+standard-library code, one line typed per step, in four clients' prompt shapes (FauxPilot,
+Copilot, Continue, llama.vscode), and at every step asks three engines over the same weights
+for a greedy answer: the prompt as sent (no anchoring), the default settings, and restoring on.
+Answers are never replayed from the answer cache.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .corpus import stdlib_files
-from .editors import Doc, continue_prompt, copilot_prompt, fauxpilot_prompt
+from .editors import Doc, continue_prompt, copilot_prompt, fauxpilot_prompt, infill_fields
 
 log = logging.getLogger("bench.fidelity")
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +56,9 @@ def step_of(style: str, doc: Doc, snippets: list[tuple[str, str]], count: Callab
     if style == "copilot":
         prompt = copilot_prompt(doc, [], count, window=8192)
         return prompt.prefix, prompt.suffix
+    if style == "llamavscode":  # /infill's input_prefix + prompt, as the server joins them
+        fields = infill_fields(doc)
+        return fields.input_prefix + fields.prompt, fields.input_suffix
     return continue_prompt(doc, snippets, count, rng)
 
 
@@ -131,7 +134,7 @@ def load_engines() -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.splitlines()[0])
-    parser.add_argument("--styles", default="fauxpilot,copilot,continue")
+    parser.add_argument("--styles", default="fauxpilot,copilot,continue,llamavscode")
     parser.add_argument("--steps", type=int, default=70, help="lines typed per style (default %(default)s)")
     parser.add_argument("--files", type=int, default=2, help="stdlib files the steps are spread over")
     parser.add_argument("--max-tokens", type=int, default=24)
