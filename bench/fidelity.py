@@ -137,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--styles", default="fauxpilot,copilot,continue,llamavscode")
     parser.add_argument("--steps", type=int, default=70, help="lines typed per style (default %(default)s)")
     parser.add_argument("--files", type=int, default=2, help="stdlib files the steps are spread over")
+    parser.add_argument("--first-line", type=int, default=200,
+                        help="where typing starts; a client's window moves only past its size (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--examples", type=int, default=5, help="differing answers to print")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -168,13 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     engines["sent"].warmup()
     tokenizer = engines["sent"].tokenizer
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    files = [p for p in stdlib_files() if len(p.read_text(encoding="utf-8").splitlines()) > 400][:args.files]
+    long_enough = args.first_line + args.steps + 70
+    files = [p for p in stdlib_files() if len(p.read_text(encoding="utf-8").splitlines()) > long_enough][:args.files]
     rng, rows, started = random.Random(7), [], time.perf_counter()
     for style in args.styles.split(","):
         for path in files:
             for engine in engines.values():
                 engine.forget()  # a new session
-            for step in session(style, path, 200, args.steps // len(files), count, rng):
+            for step in session(style, path, args.first_line, args.steps // len(files), count, rng):
                 rows.append(compare(step, engines, args.max_tokens))
     summary = summarize(rows, list(engines))
     report(rows, summary, args.examples, time.perf_counter() - started)
