@@ -21,7 +21,7 @@ from typing import Sequence
 from config import RepoTemplate
 
 from .params import ContextChunk, PromptContext
-from .prompts import SPECIAL_TOKEN, TemplateError, special_token_id
+from .prompts import Template, TemplateError
 
 REPO_NAME = "project"  # the repository's name when the client gives none
 UNNAMED = "snippet"  # the path of a chunk from no named file
@@ -67,43 +67,12 @@ def commented(chunk: ContextChunk, style: tuple[str, str]) -> str:
     return "".join(f"{start} {line}".rstrip() + (f" {end}" if end else "") + "\n" for line in lines) + "\n"
 
 
-class Template:
-    """A repo template: literal parts resolved to token ids when the model loads, placeholders tokenized per use."""
-
-    def __init__(self, tokenizer, text: str):
-        self.tokenizer = tokenizer
-        self.parts: list[str | list[int]] = []  # a placeholder's name, or literal token ids
-        position = 0
-        for match in PLACEHOLDER.finditer(text):
-            self.parts += [self._literal(text[position:match.start()]), match.group(1)]
-            position = match.end()
-        self.parts = [part for part in [*self.parts, self._literal(text[position:])] if part != []]
-
-    def _literal(self, text: str) -> list[int]:
-        """Token ids of literal text, its special tokens (as cards write them) by id."""
-        ids: list[int] = []
-        position = 0
-        for match in SPECIAL_TOKEN.finditer(text):
-            ids += self.plain(text[position:match.start()])
-            ids.append(special_token_id(self.tokenizer, match.group(0)))
-            position = match.end()
-        return ids + self.plain(text[position:])
-
-    def plain(self, text: str) -> list[int]:
-        """Token ids of plain text, nothing added."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def render(self, **values: str) -> list[int]:
-        """The template's ids with each placeholder's text tokenized on its own."""
-        return [i for part in self.parts for i in (self.plain(values[part]) if isinstance(part, str) else part)]
-
-
 class RepoLayout:
     """A model card's repo-level format: a repository header, one block per other file, the edited file's header."""
 
     def __init__(self, tokenizer, template: RepoTemplate):
         try:
-            self.name, self.file, self.current = (Template(tokenizer, t) for t in
+            self.name, self.file, self.current = (Template(tokenizer, t, PLACEHOLDER) for t in
                                                   (template.name, template.file, template.current))
         except TemplateError as exc:
             raise RepoTemplateError(f"repo template {template}: {exc}") from None

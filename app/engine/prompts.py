@@ -27,43 +27,61 @@ class Truncation:
         return bool(self.prefix_tokens or self.suffix_tokens)
 
 
+class Template:
+    """A prompt template: literal parts resolved to token ids once (when the model loads), placeholders filled per use.
+
+    A special token as model cards write them that the tokenizer does not have is a
+    start-up error (TemplateError), never a silent fallback; each placeholder's text is
+    tokenized on its own, so no merge crosses a boundary.
+    """
+
+    def __init__(self, tokenizer, text: str, placeholder: re.Pattern[str]):
+        self.tokenizer = tokenizer
+        self.parts: list[str | list[int]] = []  # a placeholder's name, or literal token ids
+        position = 0
+        for match in placeholder.finditer(text):
+            self.parts += [self._literal(text[position:match.start()]), match.group(1)]
+            position = match.end()
+        self.parts = [part for part in [*self.parts, self._literal(text[position:])] if part != []]
+        self.literal_tokens = sum(len(part) for part in self.parts if isinstance(part, list))
+
+    def _literal(self, text: str) -> list[int]:
+        """Token ids of literal text, its special tokens by id."""
+        ids: list[int] = []
+        position = 0
+        for match in SPECIAL_TOKEN.finditer(text):
+            ids += self.plain(text[position:match.start()])
+            ids.append(special_token_id(self.tokenizer, match.group(0)))
+            position = match.end()
+        return ids + self.plain(text[position:])
+
+    def plain(self, text: str) -> list[int]:
+        """Token ids of plain text, nothing added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def fill(self, **ids: list[int]) -> list[int]:
+        """The template's ids with each placeholder's ids put in."""
+        return [i for part in self.parts for i in (ids[part] if isinstance(part, str) else part)]
+
+    def render(self, **values: str) -> list[int]:
+        """The template's ids with each placeholder's text tokenized on its own."""
+        return self.fill(**{name: self.plain(text) for name, text in values.items()})
+
+
 class FimPrompt:
     """Builds fill-in-the-middle token ids from a template like ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>``.
 
-    Literal parts are resolved to token ids once, when the model loads; a special
-    token the tokenizer does not have is a start-up error, never a silent fallback.
-    Prefix and suffix are tokenized separately, so no merge crosses a boundary.
     With ``end_with_eos`` (an encoder's input) the prompt also ends with the EOS the
     tokenizer appends to its encodings (T5, CodeT5), as the model was trained; a causal
     prompt never does, since the model would read it as the end of the text.
     """
 
     def __init__(self, tokenizer, template: str, end_with_eos: bool = False):
-        self.tokenizer = tokenizer
         self.template = template
-        self.parts: list[str | list[int]] = []  # "prefix", "suffix", or literal token ids
-        position = 0
-        for match in PLACEHOLDER.finditer(template):
-            self.parts.append(self._literal(template[position:match.start()]))
-            self.parts.append(match.group(1))
-            position = match.end()
-        self.parts.append(self._literal(template[position:]))
-        self.parts = [part for part in self.parts if part != []]
+        self.layout = Template(tokenizer, template, PLACEHOLDER)
         self.bos = leading_bos(tokenizer)
         self.eos = trailing_eos(tokenizer) if end_with_eos else []
-        self.fixed_tokens = len(self.bos) + len(self.eos) + sum(len(p) for p in self.parts if isinstance(p, list))
-
-    def _literal(self, text: str) -> list[int]:
-        ids: list[int] = []
-        position = 0
-        for match in SPECIAL_TOKEN.finditer(text):
-            ids += self._plain(text[position:match.start()])
-            ids.append(special_token_id(self.tokenizer, match.group(0)))
-            position = match.end()
-        return ids + self._plain(text[position:])
-
-    def _plain(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        self.fixed_tokens = len(self.bos) + len(self.eos) + self.layout.literal_tokens
 
     def build(self, prefix: str, suffix: str, budget: int, slack: int = 0) -> tuple[list[int], Truncation]:
         """Token ids for the model, at most ``budget`` long: the far ends of prefix and suffix go first.
@@ -74,7 +92,7 @@ class FimPrompt:
         if room < 1:
             raise TemplateError(f"no room for the prompt: {budget} tokens available, the template needs "
                                 f"{self.fixed_tokens}")
-        head, tail = self._plain(prefix), self._plain(suffix)
+        head, tail = self.layout.plain(prefix), self.layout.plain(suffix)
         cut = Truncation()
         if len(head) + len(tail) > room:
             room = max(room - slack, 1)
@@ -83,10 +101,7 @@ class FimPrompt:
             keep_head = min(len(head), room - keep_tail)
             cut = Truncation(len(head) - keep_head, len(tail) - keep_tail)
             head, tail = head[len(head) - keep_head:], tail[:keep_tail]
-        ids = list(self.bos)
-        for part in self.parts:
-            ids += head if part == "prefix" else tail if part == "suffix" else part
-        return ids + self.eos, cut
+        return [*self.bos, *self.layout.fill(prefix=head, suffix=tail), *self.eos], cut
 
 
 def keep_last(ids: list[int], budget: int, bos: list[int]) -> tuple[list[int], Truncation]:
