@@ -33,9 +33,8 @@ class Preparer:
         self.config, self.tokenizer, self.device, self.options = config, tokenizer, device, options
         # Anchoring only pays where a prefix cache reuses what it lines up (anchor.py).
         self.anchor_lines = options.anchor_lines if cached_prompts is not None else 0
-        self.prefix_prompts = cached_prompts  # to find the seam under a fixed head (anchor.slid_seam)
-        # The prefix cache's prompts, to restore moved prompts onto (None: no cache, or never).
-        self.cached_prompts = cached_prompts if options.anchor_restore_tokens > 0 else None
+        self.prefix_prompts = cached_prompts  # to find where a window slid, and to restore moved prompts onto
+        self.restore_tokens = options.anchor_restore_tokens if cached_prompts is not None else 0
         self.is_seq2seq = config.kind == "seq2seq"
         self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
         self.bos = leading_bos(tokenizer)
@@ -92,8 +91,10 @@ class Preparer:
         return max(budget, self.context_length // 2) if truncate else budget
 
     def encode(self, prompt: str, suffix: str | None = None, budget: int | None = None,
-               truncate: bool = False) -> tuple[list[int], bool, Truncation]:
+               truncate: bool = False, known_ids: list[int] | None = None) -> tuple[list[int], bool, Truncation]:
         """Token ids of the model prompt, whether the FIM template was used, and what was truncated.
+
+        ``known_ids``: the prompt's own encoding when the caller already has it (not encoded twice).
 
         Models without FIM tokens complete from the prefix alone: Copilot sends a
         suffix with every request, and a plain continuation beats an error. Seq2seq
@@ -103,9 +104,9 @@ class Preparer:
         budget = self.context_length if budget is None else budget
         # A prompt cut to the window is cut deeper by a slack its next versions can grow into before their
         # start moves again (anchor.py restores the lines they cut): one cold prefill per slack, not per keystroke.
-        slack = min(self.options.anchor_restore_tokens, budget // 8) if self.cached_prompts is not None else 0
+        slack = min(self.restore_tokens, budget // 8)
         if self.fim is None or not (suffix or self.is_seq2seq):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = known_ids if known_ids is not None else self.tokenizer(prompt)["input_ids"]
             cut = Truncation()
             if truncate and len(ids) > budget:
                 kept = self._cut_at_anchor(prompt, budget)
@@ -148,9 +149,9 @@ class Preparer:
         # A window seen to slide starts at an anchor line; a prompt whose start stays put (a whole short
         # file, an API caller's prompt) is never cut: anchoring it would only lose context (on Copilot-shaped
         # prompts of files within its budget: 47% of answers changed, none more often right; bench.fidelity).
-        text = prompt if echo else self._anchor_below_head(prompt)
+        text, known_ids = (prompt, None) if echo else self._anchor_below_head(prompt)
         ids, used_fim, truncated = self._prompt_ids(text, suffix, params.max_tokens, truncate, request_id,
-                                                    None if echo else context)
+                                                    None if echo else context, known_ids)
         # An echoed prompt's logprobs are of the client's own tokens.
         realigned = None if echo else self._realign(ids, self.prompt_budget(params.max_tokens, truncate), request_id)
         ids = list(realigned.ids) if realigned else ids
@@ -169,29 +170,31 @@ class Preparer:
         return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
                        used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated)
 
-    def _anchor_below_head(self, prompt: str) -> str:
+    def _anchor_below_head(self, prompt: str) -> tuple[str, list[int] | None]:
         """A prompt whose window slid (under a fixed head like FauxPilot's, or none), starting at an anchor line.
 
         The slide is seen against a cached prompt: with nothing cached the prompt runs as sent,
-        and the next one is anchored below the same head.
+        and the next one is anchored below the same head. Also the ids of the text returned when
+        they are known (the prompt unchanged): encoding 10k tokens again costs ~30 ms.
         """
         if not self.anchor_lines or not self.tokenizer.is_fast:
-            return prompt
+            return prompt, None
         encoded = self.tokenizer(prompt, return_offsets_mapping=True)
         seam = slid_seam(self.prefix_prompts(), encoded["input_ids"])
         if seam is None:
-            return prompt
+            return prompt, encoded["input_ids"]
         # The window starts at the line of the seam's first character (that may be the newline before it).
         window = prompt.rfind("\n", 0, encoded["offset_mapping"][seam][0] + 1) + 1
-        return prompt[:window] + anchored_start(prompt[window:], self.anchor_lines)
+        anchored = prompt[:window] + anchored_start(prompt[window:], self.anchor_lines)
+        return anchored, encoded["input_ids"] if anchored == prompt else None
 
     def _realign(self, ids: list[int], budget: int, request_id: str) -> Realignment | None:
         """The prompt rewritten to begin like a cached one when its window moved (see anchor.py), else None."""
-        if self.cached_prompts is None:
+        if not self.restore_tokens:
             return None
-        realigned = realign(self.cached_prompts(), ids, budget, self.options.anchor_restore_tokens)
+        realigned = realign(self.prefix_prompts(), ids, budget, self.restore_tokens)
         if realigned is not None:
-            log.info("[%s] prompt anchored on a cached prompt: %d far tokens left out, %d restored, %d reusable",
+            log.info("[%s] prompt restored onto a cached prompt: %d far tokens left out, %d restored, %d reusable",
                      request_id, realigned.dropped, realigned.restored, realigned.reusable)
         return realigned
 
@@ -202,13 +205,14 @@ class Preparer:
         return params
 
     def _prompt_ids(self, prompt: str, suffix: str | None, max_tokens: int, truncate: bool, request_id: str,
-                    context: PromptContext | None = None) -> tuple[list[int], bool, bool]:
+                    context: PromptContext | None = None,
+                    known_ids: list[int] | None = None) -> tuple[list[int], bool, bool]:
         """The model prompt's ids within the window (truncated when allowed), whether FIM was used and anything cut."""
         budget = self.prompt_budget(max_tokens, truncate)
         if budget < 1 or (max_tokens > self.context_length and not truncate):
             raise PromptTooLong(len(self.tokenizer(prompt)["input_ids"]), max_tokens, self.context_length)
         try:
-            ids, used_fim, cut = self.encode(prompt, suffix, budget, truncate)
+            ids, used_fim, cut = self.encode(prompt, suffix, budget, truncate, known_ids)
         except TemplateError:
             raise PromptTooLong(self.fim.fixed_tokens, max_tokens, self.context_length) from None
         if cut:
