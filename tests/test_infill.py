@@ -33,6 +33,7 @@ from app.llamacpp import compact_json, parse_infill_request, select_fields
 from app.protocol import InvalidRequestError, parse_completion_request
 from config import ConfigError, Settings, model_from_mapping, settings_from_mapping
 
+from .test_zoo import plain, special
 from .tiny_zoo import FAMILIES
 
 _unique = itertools.count()
@@ -510,18 +511,6 @@ def zoo_engines(tmp_path_factory):
         engines[name] = load_engine(entry, Settings(models=(entry,), device="cpu", cache_dir=root / "cache",
                                                     answer_cache=0))
     return engines
-
-
-def special(tokenizer, *tokens: str) -> list[int]:
-    """Ids of single vocabulary tokens."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-    assert tokenizer.convert_ids_to_tokens(ids) == list(tokens)
-    return ids
-
-
-def plain(tokenizer, text: str) -> list[int]:
-    """Ids of text, nothing added."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 CONTEXT = PromptContext((ContextChunk("import os\n", "lib/paths.py"), ContextChunk("LIMIT = 3", None)),
