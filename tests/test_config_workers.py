@@ -120,6 +120,8 @@ def test_env_model_gguf_path_is_split(config_file):
         ({**models_table(), "server": {"port": 80}}, "unknown keys"),
         ({**models_table(), "servers": {}}, "top-level"),
         ({**models_table(), "server": {"workers": 0}}, "workers"),
+        ({**models_table(), "server": {"anchor_lines": -1}}, "anchor_lines"),
+        ({**models_table(), "server": {"anchor_restore_tokens": -1}}, "anchor_restore_tokens"),
     ],
 )
 def test_settings_from_mapping_rejects(raw, message):
@@ -138,7 +140,7 @@ def test_settings_from_mapping_accepts_valid_values():
 
 
 @pytest.mark.parametrize("var", ["FAUXPILOT_WORKERS", "FAUXPILOT_TIMEOUT", "FAUXPILOT_TORCH_THREADS",
-                                 "FAUXPILOT_MAX_WAITING"])
+                                 "FAUXPILOT_MAX_WAITING", "FAUXPILOT_ANCHOR_LINES"])
 def test_non_integer_env_var(config_file, var):
     """An integer setting given a non-integer value names the variable in a ConfigError."""
     with pytest.raises(ConfigError, match=var):
