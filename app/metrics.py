@@ -45,6 +45,13 @@ class Metrics:
                                 ["model"], multiprocess_mode="livesum", registry=registry)
         self.cache_misses = Gauge("fauxpilot_prefix_cache_misses", "Prompts with no cached prefix to start from.",
                                   ["model"], multiprocess_mode="livesum", registry=registry)
+        # Counts since each live worker started (gauges summed over workers, as the cache counts are).
+        self.drafted = Gauge("fauxpilot_spec_drafted_tokens_total", "Draft tokens fed to the model (speculation).",
+                             ["model"], multiprocess_mode="livesum", registry=registry)
+        self.accepted = Gauge("fauxpilot_spec_accepted_tokens_total", "Draft tokens the model agreed with.",
+                              ["model"], multiprocess_mode="livesum", registry=registry)
+        self.draft_steps = Gauge("fauxpilot_spec_steps_total", "Decode row-steps that carried a draft.",
+                                 ["model"], multiprocess_mode="livesum", registry=registry)
 
     def record(self, model: str | None, status: int, started: float, usage: tuple[int, int]) -> None:
         """Count one finished request."""
@@ -61,6 +68,9 @@ class Metrics:
         self.waiting.labels(model).set(stats.waiting)
         self.cache_hits.labels(model).set(stats.cache_hits)
         self.cache_misses.labels(model).set(stats.cache_misses)
+        self.drafted.labels(model).set(stats.drafted)
+        self.accepted.labels(model).set(stats.accepted)
+        self.draft_steps.labels(model).set(stats.draft_steps)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format (every worker's, under gunicorn)."""

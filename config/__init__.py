@@ -109,6 +109,9 @@ class EngineOptions:
     # Approximate: far-end tokens a moved prompt may gain or lose to begin like a cached prompt (its answer
     # then depends on what the cache held; fidelity measured by `python -m bench.fidelity`); 0: never.
     anchor_restore_tokens: int = 0
+    # Greedy sequences draft up to this many tokens per step from their own context (prompt-lookup
+    # speculative decoding, app/engine/speculative.py); output unchanged, 0: off.
+    speculative_tokens: int = 8
     token_healing: bool = True
     truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
     time_budget_ms: int = 0  # decoding time after which a completion ends at its next newline (0: none)
@@ -244,7 +247,7 @@ def _validated(settings: Settings) -> Settings:
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms", "answer_cache",
-                "anchor_lines", "anchor_restore_tokens"):
+                "anchor_lines", "anchor_restore_tokens", "speculative_tokens"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key} must be at least 0")
     return settings

@@ -73,6 +73,9 @@ class EngineStats:
     cache_bytes: int = 0
     reused_tokens: int = 0  # prompt tokens taken from the prefix cache, in all
     answer_hits: int = 0  # requests answered again from the answer cache
+    drafted: int = 0  # speculative draft tokens fed to the model
+    accepted: int = 0  # of those, tokens the model agreed with
+    draft_steps: int = 0  # decode row-steps that carried a draft
 
 
 class Engine:
@@ -173,8 +176,9 @@ class Engine:
         running, waiting = self.scheduler.load
         cache = getattr(self.runner, "prefix_cache", None)
         cached = (cache.hits, cache.misses, cache.nbytes) if cache is not None else (0, 0, 0)
+        drafts = self.scheduler.drafts
         return EngineStats(running, waiting, self.admission.count, *cached, self.scheduler.reused_tokens,
-                           self.answers.hits)
+                           self.answers.hits, drafts.drafted, drafts.accepted, drafts.steps)
 
     # -- upkeep ------------------------------------------------------------------------
 
@@ -236,10 +240,11 @@ class Engine:
                 if t.first_token and end > t.first_token else float("nan"))
         running, waiting = self.scheduler.load
         cancelled = request.outcome not in ("done", "failed")
+        drafts = f", drafts {request.accepted}/{request.drafted} tokens accepted" if request.drafted else ""
         log.info("[%s] %s: %d prompt tokens (%d reused), %d generated, queued %.0f ms, first token %.0f ms, "
-                 "%.1f tok/s, total %.0f ms%s (batch: %d running, %d waiting)", request.id, self.name,
+                 "%.1f tok/s, total %.0f ms%s%s (batch: %d running, %d waiting)", request.id, self.name,
                  len(request.prompt_ids), request.reused, generated, queued, ttft, rate, (end - t.submitted) * 1000,
-                 ", cancelled" if cancelled else "", running, waiting)
+                 drafts, ", cancelled" if cancelled else "", running, waiting)
         if self.options.debug:
             for seq in request.sequences:
                 log.info("[%s] sequence %d: finish_reason=%s after %d tokens, stops=%r, ids=%s, text=%r", request.id,

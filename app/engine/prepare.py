@@ -20,6 +20,7 @@ from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_l
 from .request import Request
 from .sampling import TokenChooser
 from .sequence import IncrementalDetokenizer, SequenceState
+from .speculative import PromptLookup, ngram_index
 from .stopping import DedentStop, IndentStop, StopCondition, TimeBudget
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,15 @@ class Preparer:
         sequences = [self._sequence(i, prompt, ids, params, healing.text if healing else "") for i in range(runs)]
         chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed)
         return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
-                       used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated)
+                       used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated,
+                       drafters=self._drafters(ids, chooser, runs))
+
+    def _drafters(self, ids: list[int], chooser: TokenChooser, runs: int) -> list[PromptLookup] | None:
+        """Prompt-lookup drafters for the sequences, when they speculate (greedy, decoder-only, enabled)."""
+        if not self.options.speculative_tokens or self.is_seq2seq or not chooser.position_free or not ids:
+            return None
+        shared = ngram_index(ids[:-1])  # here, on the request's thread: ~3 ms per 2,000 prompt tokens
+        return [PromptLookup(ids, shared, self.options.speculative_tokens) for _ in range(runs)]
 
     def _anchor_below_head(self, prompt: str) -> tuple[str, list[int] | None]:
         """A prompt whose window slid (under a fixed head like FauxPilot's, or none), starting at an anchor line.

@@ -22,9 +22,18 @@ from .healing import Healing
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import Picks, TokenChooser
 from .sequence import SequenceState
+from .speculative import PromptLookup, verify
 
 log = logging.getLogger(__name__)
 DONE = object()  # put on a request's queue after its last deltas
+
+
+def merge_deltas(deltas: list[Delta]) -> Delta | None:
+    """One sequence's deltas of one step as one (several tokens accepted at once arrive in one event)."""
+    if len(deltas) <= 1:
+        return deltas[0] if deltas else None
+    return Delta(deltas[0].index, "".join(d.text for d in deltas),
+                 tuple(entry for d in deltas for entry in d.logprobs), deltas[-1].finish_reason)
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class Request:
     def __init__(self, request_id: str, prompt: str, prompt_ids: tuple[int, ...], params: SamplingParams,
                  sequences: list[SequenceState], chooser: TokenChooser, *, n: int, echo: bool = False,
                  used_fim: bool = False, healing: Healing | None = None, realigned: Realignment | None = None,
-                 truncated: bool = False):
+                 truncated: bool = False, drafters: list[PromptLookup] | None = None):
         self.id = request_id
         self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
         self.n = n  # choices returned; more sequences than that run for best_of
@@ -66,6 +75,9 @@ class Request:
         self.echo, self.used_fim, self.healing = echo, used_fim, healing
         self.realigned = realigned  # when the prompt was made to begin like a cached one (see anchor.py)
         self.truncated = truncated  # the prompt or its repository context was cut to fit the window
+        # One per sequence (same order) when its sequences speculate (greedy; see speculative.py), else None.
+        self.drafters = drafters
+        self.drafted = self.accepted = 0  # draft tokens fed, and those the model agreed with
         self.echo_logprobs: tuple[TokenLogprob, ...] = ()
         self.live: list[SequenceState] = []  # the sequences in the batch, in row order
         self.next_tokens: list[int] = []  # the token each live sequence feeds next
@@ -121,19 +133,64 @@ class Request:
         token_ids = picks.token_ids.tolist()
         logprobs = picks.logprobs.tolist()
         tops = picks.top_pairs() or [()] * len(token_ids)
-        deltas, keep = [], []
+        deltas = []
         for row, seq in enumerate(self.live):
-            delta = seq.push(token_ids[row], logprobs[row], tops[row])
+            delta = self._push(seq, token_ids[row], logprobs[row], tops[row])
             if delta is not None:
                 deltas.append(delta)
-            if not seq.finished:
-                keep.append(row)
+        return self._settle(deltas, token_ids)
+
+    def drafts(self) -> list[list[int]]:
+        """Each live sequence's draft of its next tokens (empty where it has none or does not speculate)."""
+        if self.drafters is None:
+            return [[] for _ in self.live]
+        return [self.drafters[seq.index].draft() for seq in self.live]
+
+    def advance_drafts(self, picks: Picks, drafts: list[list[int]], width: int) -> tuple[list[int], list[int]]:
+        """Push each live row's accepted draft tokens and the model's own next token.
+
+        ``picks`` holds the greedy pick after each of a row's ``width`` fed tokens (its last
+        token, then its draft, then padding), rows one after another. Returns the rows still
+        running and, for every row, how many fed columns hold tokens that stay in its context.
+        """
+        token_ids = picks.token_ids.tolist()
+        logprobs = picks.logprobs.tolist()
+        tops = picks.top_pairs() or [()] * len(token_ids)
+        deltas, columns, last = [], [], []
+        for row, (seq, draft) in enumerate(zip(self.live, drafts)):
+            base = row * width
+            verdict = verify(draft, token_ids[base:base + width])
+            if draft:
+                self.drafted += len(draft)
+                self.accepted += len(verdict.tokens) - 1
+                self.drafters[seq.index].record(len(draft), len(verdict.tokens) - 1)
+            pushed = []
+            for token, position in zip(verdict.tokens, verdict.positions):
+                pushed.append(self._push(seq, token, logprobs[base + position], tops[base + position]))
+                if seq.finished:
+                    break
+            merged = merge_deltas([d for d in pushed if d is not None])
+            if merged is not None:
+                deltas.append(merged)
+            columns.append(verdict.kept_columns)
+            last.append(verdict.tokens[-1])
+        return self._settle(deltas, last), columns
+
+    def _push(self, seq: SequenceState, token_id: int, logprob: float, top) -> Delta | None:
+        """One token into a sequence (and its drafter's context)."""
+        if self.drafters is not None:
+            self.drafters[seq.index].push(token_id)
+        return seq.push(token_id, logprob, top)
+
+    def _settle(self, deltas: list[Delta], last_tokens: list[int]) -> list[int]:
+        """Send the step's deltas; keep the rows still running and the token each feeds next."""
+        keep = [row for row, seq in enumerate(self.live) if not seq.finished]
         if deltas and not self.ranked:
             self._out.put(deltas)
         if keep and len(keep) < len(self.live):
-            self.chooser.keep_rows(torch.tensor(keep, device=picks.token_ids.device))
+            self.chooser.keep_rows(torch.tensor(keep, device=self.chooser.device))
         self.live = [self.live[row] for row in keep]
-        self.next_tokens = [token_ids[row] for row in keep]
+        self.next_tokens = [last_tokens[row] for row in keep]
         return keep
 
     def finish(self) -> None:

@@ -138,14 +138,37 @@ class CausalBatch:
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; return next-token logits [rows, vocab]."""
-        mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        return self.verify(token_ids[:, None])[:, -1]
+
+    def verify(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``width`` tokens per row ([rows, width]: a row's last token, then its draft); logits [rows, width, vocab].
+
+        Every fed column enters the cache; :meth:`accept` then hides the columns of draft
+        tokens the model did not agree with.
+        """
+        width = token_ids.shape[1]
+        mask = torch.cat([self.mask, self.mask.new_ones(self.rows, width)], dim=1)
         padded = not bool(self.mask.all())
-        # Without padding, positions and the causal mask are the model's defaults.
-        out = self.model(input_ids=token_ids[:, None], cache=self.cache, use_cache=True, logits_to_keep=1,
-                         attention_mask=mask if padded else None,
-                         position_ids=self.mask.sum(-1, keepdim=True) if padded else None)
+        # Without padding or hidden columns, positions and the causal mask are the model's defaults.
+        positions = None
+        if padded:
+            positions = self.mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device)
+        out = self.model(input_ids=token_ids, cache=self.cache, use_cache=True,
+                         logits_to_keep=1 if width == 1 else 0,
+                         attention_mask=mask if padded else None, position_ids=positions)
         self.mask = mask
-        return out.logits[:, -1]
+        return out.logits
+
+    def accept(self, columns: Sequence[int], width: int) -> None:
+        """Keep the first ``columns[row]`` of each row's last ``width`` fed columns; the rest are masked from now on.
+
+        A hidden column stays in the buffers (every row writes the same column) but no later
+        token attends to it, and positions count only visible columns: the row's context is
+        exactly its accepted tokens, as if the rejected drafts had never been fed.
+        """
+        for row, kept in enumerate(columns):
+            if kept < width:
+                self.mask[row, self.mask.shape[1] - width + kept:] = 0
 
     def reset(self) -> None:
         """Drop every row."""

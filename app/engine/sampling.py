@@ -116,6 +116,7 @@ class TokenChooser:
     def __init__(self, params: SamplingParams, vocab_size: int, batch: int, device: torch.device,
                  first_allowed: tuple[int, ...] | None = None):
         self.greedy = params.temperature < MIN_TEMPERATURE
+        self.device = device
         self.first_mask = None  # token healing: only these ids may come first
         if first_allowed is not None:
             self.first_mask = torch.full((vocab_size,), float("-inf"), device=device)
@@ -155,6 +156,11 @@ class TokenChooser:
         if self.top_k:
             picks.top_logprobs, picks.top_ids = logprobs.topk(self.top_k, dim=-1)
         return picks
+
+    @property
+    def position_free(self) -> bool:
+        """Whether a pick depends only on its own logits (greedy, no token counts): drafts can then be verified."""
+        return self.greedy and self.counts is None
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Forget the state of sequences that finished (rows are the survivors)."""

@@ -22,6 +22,7 @@ import torch
 
 from .kvcache import common_prefix_length
 from .request import Request
+from .speculative import DraftStats
 from .threads import ThreadPlan
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Scheduler:
         self.name = name
         self.rows = RowTable()
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache, over all requests
+        self.drafts = DraftStats()  # speculation over all requests
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()  # Request, or (callable, future)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -329,17 +331,43 @@ class Scheduler:
             request.finish()
 
     def _decode_step(self) -> None:
-        """One forward for every row; each request's chooser picks its own rows' tokens."""
+        """One forward for every row (with its draft, when rows have drafts); each request picks its own rows' tokens."""
         try:
             self.threads.decode_step()
-            tokens = torch.tensor(self.rows.next_tokens(), device=self.runner.device)
-            logits = self.runner.batch.decode(tokens)
-            kept = [request.advance(request.chooser(logits[rows])) for request, rows in self.rows.slices()]
+            drafts = [request.drafts() for request in self.rows.requests]
+            width = 1 + max((len(draft) for own in drafts for draft in own), default=0)
+            if width == 1:
+                tokens = torch.tensor(self.rows.next_tokens(), device=self.runner.device)
+                logits = self.runner.batch.decode(tokens)
+                kept = [request.advance(request.chooser(logits[rows])) for request, rows in self.rows.slices()]
+            else:
+                kept = self._verify_step(drafts, width)
         except Exception as exc:
             self.runner.batch.reset()
             self._fail(self.rows.clear(), exc)
             return
         self._retain(kept)
+
+    def _verify_step(self, drafts: list[list[list[int]]], width: int) -> list[list[int]]:
+        """Feed every row its last token and its draft (padded to ``width``); keep what the model agrees with."""
+        fed = []
+        for token, draft in zip(self.rows.next_tokens(), (draft for own in drafts for draft in own)):
+            # Padding repeats the last token: its columns are hidden by accept() like a rejected draft's.
+            fed.append([token, *draft, *[token] * (width - 1 - len(draft))])
+        logits = self.runner.batch.verify(torch.tensor(fed, device=self.runner.device))
+        kept, columns = [], []
+        for (request, rows), own in zip(self.rows.slices(), drafts):
+            if any(own):
+                still, used = request.advance_drafts(request.chooser(logits[rows].flatten(0, 1)), own, width)
+            else:  # picks only where it feeds (a sampled request must not draw from its generator more often)
+                still, used = request.advance(request.chooser(logits[rows, 0])), [1] * len(own)
+            kept.append(still)
+            columns.extend(used)
+        self.runner.batch.accept(columns, width)
+        self.drafts.drafted += sum(len(draft) for own in drafts for draft in own)
+        self.drafts.steps += sum(1 for own in drafts for draft in own if draft)
+        self.drafts.accepted += sum(c - 1 for c, draft in zip(columns, (d for own in drafts for d in own)) if draft)
+        return kept
 
     def _retain(self, kept: list[list[int]]) -> None:
         """Keep the given rows of each request in the batch; requests left with none are finished."""

@@ -1,0 +1,117 @@
+"""Speculative decoding from the prompt: drafts copied from the context, verified in the batch's next forward.
+
+Code completion copies: a call repeated from above, a closing structure, an identifier
+from the suffix. When the last few tokens of a sequence occurred earlier in its context
+(prompt, suffix, repository context, its own output), the tokens that followed them there
+are a cheap guess of what comes next (prompt-lookup decoding). The scheduler feeds each
+row its last token plus its draft in one forward; on a CPU, where a step is bound by
+reading the weights, a few more tokens per row cost little, and every draft token the
+model agrees with is a step saved.
+
+Only greedy sequences speculate (and only without presence/frequency penalties, whose
+counts change token by token): a draft token is accepted when it is the token the model's
+argmax picks at that place, so the output is token for token what plain greedy decoding
+gives. Sampled sequences decode one token per step as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# n-gram sizes matched against the context, longest first: a longer match predicts better,
+# a single token still finds a copy of a line when nothing longer does.
+MAX_NGRAM = 3
+MIN_NGRAM = 1
+
+
+def ngram_index(ids: Sequence[int], max_ngram: int = MAX_NGRAM) -> dict[tuple[int, ...], int]:
+    """For every n-gram (1..max_ngram tokens) of ``ids``: the position of the last token of its last occurrence."""
+    index: dict[tuple[int, ...], int] = {}
+    for end in range(len(ids)):
+        for n in range(1, min(max_ngram, end + 1) + 1):
+            index[tuple(ids[end - n + 1:end + 1])] = end
+    return index
+
+
+@dataclass
+class DraftStats:
+    """Counts of one model's speculation, for /metrics and the debug log."""
+
+    drafted: int = 0  # draft tokens fed to the model
+    accepted: int = 0  # of those, tokens the model agreed with
+    steps: int = 0  # row-steps that carried a draft
+
+
+class PromptLookup:
+    """One sequence's drafter: its context, an index of where each n-gram last ended, and its draft length.
+
+    The index over the prompt is built once per request (on the request's own thread) and
+    shared by its sequences; tokens a sequence generates go into its own small index, which
+    is looked up first (later occurrences are the better guess).
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], shared: dict[tuple[int, ...], int], max_tokens: int):
+        self.tokens = list(prompt_ids)
+        self.shared = shared  # built over prompt_ids[:-1]: the last token is appended like a generated one
+        self.own: dict[tuple[int, ...], int] = {}
+        self.max_tokens = max_tokens
+        self.length = max(1, max_tokens // 2)  # the next draft's length, adapted to acceptance
+        self.match: int | None = None  # where the longest n-gram ending the context ended before
+        if self.tokens:
+            last = self.tokens.pop()
+            self.push(last)
+
+    def push(self, token_id: int) -> None:
+        """Append a token to the context and find where its longest ending n-gram occurred before."""
+        self.tokens.append(token_id)
+        end = len(self.tokens) - 1
+        self.match = None
+        for n in range(min(MAX_NGRAM, end + 1), MIN_NGRAM - 1, -1):
+            gram = tuple(self.tokens[end - n + 1:])
+            before = self.own.get(gram, self.shared.get(gram))
+            if before is not None and self.match is None:
+                self.match = before
+            self.own[gram] = end
+
+    def draft(self) -> list[int]:
+        """The tokens that followed the last match, up to the current draft length (empty: no match)."""
+        if self.match is None:
+            return []
+        start = self.match + 1
+        return self.tokens[start:start + self.length]
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Adapt the draft length: longer while whole drafts are taken, shorter when they are not."""
+        if not drafted:
+            return
+        if accepted == drafted:
+            self.length = min(self.length + 2, self.max_tokens)
+        else:
+            self.length = max(1, min(self.length - 1, accepted + 1))
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying one row's draft: the tokens it emits and how many fed columns stay."""
+
+    tokens: list[int] = field(default_factory=list)  # accepted draft tokens, then the model's own next token
+    positions: list[int] = field(default_factory=list)  # which fed position's logits picked each token
+
+    @property
+    def kept_columns(self) -> int:
+        """Fed columns whose keys/values stay: the row's last token and every accepted draft token."""
+        return len(self.tokens)
+
+
+def verify(draft: Sequence[int], picked: Sequence[int]) -> Verdict:
+    """Accept the longest prefix of ``draft`` equal to the model's picks; the first disagreement is its own pick.
+
+    ``picked[i]`` is the greedy token after the row's i-th fed token (its last token, then the draft).
+    """
+    verdict = Verdict()
+    for i, token in enumerate(picked[:len(draft) + 1]):
+        verdict.tokens.append(token)
+        verdict.positions.append(i)
+        if i >= len(draft) or draft[i] != token:
+            break
+    return verdict

@@ -1,0 +1,140 @@
+"""Speculative decoding from the prompt: drafts, their verification, and output equal to plain greedy decoding."""
+from __future__ import annotations
+
+import pytest
+
+from app.engine import SamplingParams
+from app.engine.loader import load_engine
+from app.engine.speculative import PromptLookup, ngram_index, verify
+from tests.test_scheduler import PROMPTS, greedy, no_eos, run_together
+from tests.tiny_models import MORE_CODE, SAMPLE_CODE
+
+# Code that repeats itself, as completions often do: drafts find what follows.
+REPEATING = SAMPLE_CODE + SAMPLE_CODE[:200]
+# The tiny model's (random) greedy answer to it soon repeats itself: its drafts are accepted.
+COPIED = MORE_CODE + MORE_CODE[:150]
+
+
+def lookup(ids, max_tokens=4):
+    """A drafter over ``ids``, as the preparer builds one."""
+    return PromptLookup(ids, ngram_index(ids[:-1]), max_tokens)
+
+
+def test_draft_continues_the_last_earlier_occurrence_of_the_longest_ngram():
+    drafter = lookup([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3], max_tokens=8)
+    drafter.length = 3
+    # "1 2 3" occurred at the start; "2 3" also later, but the longest match wins.
+    assert drafter.draft() == [4, 5, 9]
+    drafter.push(4)
+    assert drafter.draft() == [5, 9, 2]
+
+
+def test_draft_is_empty_without_a_match_and_generated_tokens_are_looked_up_too():
+    drafter = lookup([10, 11, 12])
+    assert drafter.draft() == []
+    for token in (20, 21, 22, 20):
+        drafter.push(token)
+    assert drafter.draft()[:2] == [21, 22]
+
+
+def test_draft_length_adapts_to_acceptance():
+    drafter = lookup([1, 2, 1], max_tokens=8)
+    assert drafter.length == 4
+    drafter.record(4, 4)
+    assert drafter.length == 6
+    drafter.record(6, 6)
+    drafter.record(8, 8)
+    assert drafter.length == 8  # never beyond the setting
+    drafter.record(8, 1)
+    assert drafter.length == 2
+    drafter.record(2, 0)
+    assert drafter.length == 1
+
+
+def test_verify_accepts_the_agreeing_prefix_then_the_models_own_token():
+    assert verify([5, 6, 7], [5, 6, 9, 4]).tokens == [5, 6, 9]
+    assert verify([5, 6, 7], [5, 6, 7, 4]).tokens == [5, 6, 7, 4]  # all taken, and the token after them
+    assert verify([], [3, 1, 1]).tokens == [3]
+    verdict = verify([5, 6], [8, 6, 1])
+    assert verdict.tokens == [8] and verdict.positions == [0] and verdict.kept_columns == 1
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_settings):
+    """The tiny model with speculation off: the reference."""
+    return load_engine(tiny_settings.models[0], tiny_settings.replace(speculative_tokens=0))
+
+
+@pytest.fixture(scope="module")
+def spec_engine(tiny_settings):
+    """The tiny model with speculation on."""
+    return load_engine(tiny_settings.models[0], tiny_settings.replace(speculative_tokens=6))
+
+
+def outcome(results):
+    """What a client sees of a request's results."""
+    return [(r.index, r.text, r.finish_reason, r.completion_tokens) for r in results]
+
+
+def test_speculative_greedy_equals_plain_greedy_alone_and_batched(plain_engine, spec_engine):
+    """Token for token the same answers, with logprobs, stops and max_tokens, one at a time and in one batch."""
+    prompts = [*PROMPTS, REPEATING, COPIED]
+    def requests(engine):
+        """The same mix of requests for either engine."""
+        mix = [engine.prepare(p, no_eos(engine, 40, logprobs=2)) for p in prompts]
+        mix.append(engine.prepare(REPEATING, greedy(40, stop=("return",))))
+        mix.append(engine.prepare(SAMPLE_CODE, greedy(30), n=2))
+        return mix
+
+    expected = []
+    for request in requests(plain_engine):
+        plain_engine.forget()
+        expected.append(plain_engine.complete(request))
+    before = spec_engine.scheduler.drafts.accepted
+    alone = []
+    for request in requests(spec_engine):
+        spec_engine.forget()
+        alone.append(spec_engine.complete(request))
+    spec_engine.forget()
+    together = run_together(spec_engine, requests(spec_engine))
+    assert spec_engine.scheduler.drafts.accepted > before  # the drafts were used, not just made
+    for want, got_alone, got_together in zip(expected, alone, together):
+        assert outcome(got_alone) == outcome(want)
+        assert outcome(got_together) == outcome(want)
+        for w, g in zip(want, got_together):
+            assert [e.token for e in g.logprobs] == [e.token for e in w.logprobs]
+            assert [e.offset for e in g.logprobs] == [e.offset for e in w.logprobs]
+            assert [e.logprob for e in g.logprobs] == pytest.approx([e.logprob for e in w.logprobs], abs=1e-3)
+            assert [[t for t, _ in e.top] for e in g.logprobs] == [[t for t, _ in e.top] for e in w.logprobs]
+
+
+def test_sampled_requests_beside_drafting_ones_keep_their_seeded_output(plain_engine, spec_engine):
+    """A seeded sampled request draws exactly as without speculation, even in a batch whose other rows verify drafts."""
+    def requests(engine):
+        """A drafting greedy request and a seeded sampled one."""
+        return [engine.prepare(REPEATING, no_eos(engine, 30)),
+                engine.prepare(PROMPTS[1], SamplingParams(max_tokens=20, temperature=0.9, seed=11), n=2)]
+
+    plain_engine.forget()
+    want = run_together(plain_engine, requests(plain_engine))
+    spec_engine.forget()
+    got = run_together(spec_engine, requests(spec_engine))
+    assert [outcome(r) for r in got] == [outcome(r) for r in want]
+
+
+def test_streamed_deltas_may_carry_several_tokens_and_add_up_to_the_answer(spec_engine):
+    request = spec_engine.prepare(COPIED, no_eos(spec_engine, 40, logprobs=1))
+    spec_engine.forget()
+    deltas = list(spec_engine.stream(request))
+    assert "".join(d.text for d in deltas) == request.results()[0].text
+    assert sum(len(d.logprobs) for d in deltas) == 40
+    assert deltas[-1].finish_reason == "length"
+    assert request.accepted > 0
+    assert any(len(d.logprobs) > 1 for d in deltas)
+
+
+def test_penalties_and_sampling_do_not_speculate(spec_engine):
+    penalised = spec_engine.prepare(REPEATING, greedy(10, presence_penalty=0.5))
+    sampled = spec_engine.prepare(REPEATING, SamplingParams(max_tokens=10, temperature=0.7, seed=1))
+    assert penalised.drafters is None and sampled.drafters is None
+    assert spec_engine.prepare(REPEATING, greedy(10)).drafters is not None
