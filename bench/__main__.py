@@ -18,15 +18,17 @@ from .corpus import Corpus
 from .llama_server import BUILD_HINT, find_binary
 from .servers import (LABELS, LLAMACPP_INSTALL, REPO, SYSTEMS, ModelFiles, Server, ServerStartError, attach,
                       llamacpp_available, model_window, resolve_model, start, stop)
-from .sessions import SESSIONS, SessionOptions, run_session
-from .workloads import KeystrokeOptions, PromptFeed, cold, drain, keystroke, load, warm_up
+from .editors import EDIT_CONTEXT, EDIT_MAX_TOKENS, EDIT_SUFFIX_LINES
+from .sessions import SESSIONS, Edit, SessionOptions, run_session
+from .client import read_spec_counters, spec_delta
+from .workloads import KeystrokeOptions, PromptFeed, cold, decode, drain, keystroke, load, warm_up
 
-WORKLOADS = ("keystroke", "cold", "load")
+WORKLOADS = ("keystroke", "cold", "decode", "load")
 
 DEFAULTS = {"awaited": 24, "awaited_naive": 8, "load_seconds": 30.0, "clients": "1,4,8", "cold_runs": 3,
-            "load_prompts": 240, "bandwidth_mb": 512, "session_awaited": 24}
+            "load_prompts": 240, "bandwidth_mb": 512, "session_awaited": 24, "decode_runs": 3}
 QUICK = {"awaited": 3, "awaited_naive": 1, "load_seconds": 5.0, "clients": "1,8", "cold_runs": 1,
-         "load_prompts": 40, "bandwidth_mb": 256, "session_awaited": 4}
+         "load_prompts": 40, "bandwidth_mb": 256, "session_awaited": 4, "decode_runs": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--load-seconds", type=float, help="seconds per concurrency level (default 30)")
     add("--clients", help="concurrency levels of the load workload (default 1,4,8)")
     add("--load-tokens", type=int, default=300, help="load prompt size in tokens (default %(default)s)")
+    add("--decode-clients", default="1,8", help="concurrent streams of the decode workload (default %(default)s)")
+    add("--decode-runs", type=int, help="measured decode runs (rounds) per level, after one warm-up (default 3)")
+    add("--decode-tokens", type=int, default=128, help="tokens per decode request (default %(default)s)")
+    add("--decode-prompt-tokens", type=int, default=300,
+        help="size of the decode workload's fixed prompt in tokens (default %(default)s)")
+    add("--edit-tokens", type=int, default=EDIT_MAX_TOKENS,
+        help="edit session: max_tokens of each request (default %(default)s)")
+    add("--edit-context", type=int, default=EDIT_CONTEXT,
+        help="edit session: prompt budget in tokens, cut once at a line (default %(default)s)")
+    add("--edit-suffix-lines", type=int, default=EDIT_SUFFIX_LINES,
+        help="edit session: lines after the cursor sent as suffix, 0 for none (default %(default)s)")
+    add("--edit-file", default="", help="edit session: file typed through (default: collections/__init__.py)")
+    add("--edit-line", type=int, default=-1,
+        help="edit session: line (0-based) typing starts at (default: UserString.rfind's)")
     add("--load-prompts", type=int, help=argparse.SUPPRESS)
     add("--bandwidth-mb", type=int, help=argparse.SUPPRESS)
     add("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start (default %(default)s)")
@@ -80,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_systems = "ours,llamaserver" if args.sessions else "ours,naive,llamacpp"
     args.systems = _names(parser, "systems", args.systems or default_systems, SYSTEMS)
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    args.decode_clients = [int(c) for c in str(args.decode_clients).split(",") if c.strip()]
     if args.llama_server:
         os.environ["LLAMA_SERVER_BIN"] = str(Path(args.llama_server).resolve())  # read by bench.llama_server
     return args
@@ -124,6 +141,8 @@ def make_prompts(corpus: Corpus, args: argparse.Namespace) -> dict[str, list[str
         prompts["cold"] = corpus.prompts(args.cold_runs + 1, args.cold_tokens, offset=0.3, reverse=True)
     if "load" in args.workloads:
         prompts["load"] = corpus.prompts(args.load_prompts, args.load_tokens, offset=0.1)
+    if "decode" in args.workloads:
+        prompts["decode"] = corpus.prompts(1, args.decode_prompt_tokens, offset=0.55)
     return prompts
 
 
@@ -153,10 +172,13 @@ def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, 
     except ServerStartError as exc:
         print(f"== {label}: failed to start, column skipped: {exc}", flush=True)
         return {"status": "failed to start"}
+    ready_s = time.perf_counter() - started
+    # An attached server was started elsewhere: its start time is unknown.
     figures: dict[str, Any] = {"status": "ok", "url": server.url, "log": str(server.log_path or ""),
-                               "command": server.command}
+                               "command": server.command, "start_s": None if server.process is None
+                               else round(ready_s, 2)}
     try:
-        print(f"   ready at {server.url} after {time.perf_counter() - started:.1f} s; warming up", flush=True)
+        print(f"   ready at {server.url} after {ready_s:.1f} s; warming up", flush=True)
         warm_up(server, prompts["warm"], args.timeout)
         run_workloads(server, corpus, prompts, banned, args, figures)
         run_sessions(server, corpus, model, args, figures)
@@ -173,7 +195,7 @@ def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, 
 
 def run_workloads(server: Server, corpus: Corpus, prompts: dict[str, list[str]], banned: list[int],
                   args: argparse.Namespace, figures: dict[str, Any]) -> None:
-    """The keystroke, cold and load workloads that were asked for, into ``figures``."""
+    """The keystroke, cold, decode and load workloads that were asked for, into ``figures``."""
     if "keystroke" in args.workloads:
         options = KeystrokeOptions(awaited=args.awaited if server.name != "naive" else args.awaited_naive,
                                    chars_per_step=args.chars_per_step, burst=args.burst,
@@ -190,13 +212,25 @@ def run_workloads(server: Server, corpus: Corpus, prompts: dict[str, list[str]],
         figures["cold"] = c = cold(server, prompts["cold"], corpus, args.max_tokens, banned, args.timeout * 5)
         print(f"   -> TTFT {_r(c['ttft_ms'])} ms, total {_r(c['total_ms'])} ms, "
               f"decode {_r(c['decode_tok_s'], 1)} tok/s", flush=True)
+    if "decode" in args.workloads:
+        print(f"   decode: {args.decode_tokens} tokens on a {args.decode_prompt_tokens}-token prompt, streams "
+              f"{','.join(map(str, args.decode_clients))}, {args.decode_runs} runs after 1 warm-up", flush=True)
+        figures["decode"] = d = decode(server, prompts["decode"][0], corpus, args.decode_clients, args.decode_runs,
+                                       args.decode_tokens, banned, args.timeout * 5)
+        for clients in args.decode_clients:
+            level = d[str(clients)]
+            print(f"   -> {clients} stream{'s' * (clients > 1)}: decode {_r(level['decode_tok_s'], 1)} tok/s, "
+                  f"over the wall {_r(level['tok_s'], 1)} tok/s, TTFT {_r(level['ttft_ms'])} ms; accepted draft "
+                  f"tokens per step {_r(level['spec']['accepted_per_step'], 2)}", flush=True)
     if "load" in args.workloads:
         figures["load"] = {}
         feed = PromptFeed(prompts["load"])
         for clients in args.clients:
             print(f"   load: {clients} client{'s' * (clients > 1)} for {args.load_seconds:g} s", flush=True)
+            before = read_spec_counters(server.url)
             figures["load"][str(clients)] = result = load(server, feed, clients, args.load_seconds,
                                                           args.max_tokens, banned, args.timeout * 5)
+            result["spec"] = spec_delta(before, read_spec_counters(server.url))
             print(f"   -> {result['tok_s']:.1f} tok/s, {result['requests']} requests, "
                   f"p95 {_r(result['latency_p95_ms'])} ms, errors {result['errors']}", flush=True)
 
@@ -206,7 +240,9 @@ def session_options(args: argparse.Namespace, model: ModelFiles) -> SessionOptio
     return SessionOptions(awaited=args.session_awaited, chars_per_step=args.chars_per_step, burst=args.burst,
                           window_s=args.window_ms / 1000, start_line=args.session_line, source=args.session_file,
                           timeout_s=args.timeout, pause_every=args.pause_every, pause_s=args.pause_s,
-                          ring_files=args.ring_files, seed=args.seed, context_window=model_window(model.folder))
+                          ring_files=args.ring_files, seed=args.seed, context_window=model_window(model.folder),
+                          edit_file=args.edit_file, edit_line=args.edit_line, edit_tokens=args.edit_tokens,
+                          edit_context=args.edit_context, edit_suffix_lines=args.edit_suffix_lines)
 
 
 def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argparse.Namespace,
@@ -226,6 +262,10 @@ def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argpar
               f"{_r(s['ttft_p50_ms'])} ms; full prefills {s['full_prefills']} of {s['counted']} counted; reused "
               f"{s['reused_tokens']} of {s['prompt_tokens']} prompt tokens; requests {s['requests']}; "
               f"timeouts {s['timeouts']}, errors {s['errors']} ({s['seconds']:.0f} s)", flush=True)
+        if s["decode_tok_s"] is not None or s["spec"]["steps"] is not None:
+            spec = s["spec"]
+            print(f"      decode p50 {_r(s['decode_tok_s'], 1)} tok/s; draft tokens accepted {_r(spec['accepted'])} "
+                  f"of {_r(spec['drafted'])} in {_r(spec['steps'])} steps", flush=True)
         drain(server)
 
 
@@ -238,14 +278,21 @@ def settings_line(args: argparse.Namespace) -> str:
                      f"context (slack {args.context_slack})")
     if "cold" in args.workloads:
         parts.append(f"cold: {args.cold_runs} runs of {args.cold_tokens} tokens")
+    if "decode" in args.workloads:
+        parts.append(f"decode: {args.decode_runs} runs of {args.decode_tokens} tokens on one "
+                     f"{args.decode_prompt_tokens}-token prompt, streams {','.join(map(str, args.decode_clients))}")
     if "load" in args.workloads:
         parts.append(f"load: {args.load_seconds:g} s per level, {args.load_tokens}-token prompts")
-    if args.workloads:
+    if set(args.workloads) & {"keystroke", "cold", "load"}:  # decode has its own --decode-tokens
         parts.append(f"{args.max_tokens} new tokens")
     if args.sessions:
         parts.append(f"editor sessions ({', '.join(args.sessions)}): {args.session_awaited} awaited answers each, "
                      f"bursts of {args.burst} keystrokes of {args.chars_per_step} chars {args.window_ms:g} ms apart, "
-                     f"from line {args.session_line}; request cap {args.timeout:g} s")
+                     f"from line {args.session_line} (edit: its own file and line); request cap {args.timeout:g} s")
+    if "edit" in args.sessions:
+        source, line = Edit.target(SessionOptions(edit_file=args.edit_file, edit_line=args.edit_line))
+        parts.append(f"edit: re-types {source.parent.name}/{source.name} from line {line}, {args.edit_tokens} "
+                     f"tokens, {args.edit_context}-token prompt budget, {args.edit_suffix_lines} suffix lines")
     return "; ".join(parts)
 
 

@@ -28,6 +28,7 @@ class Outcome:
     http_status: int | None = None    # the reply's status when it was not 200
     prompt_tokens: int | None = None  # the whole prompt as the server counted it
     cached_tokens: int | None = None  # prompt tokens the server took from its cache instead of computing them
+    last: float | None = None         # streamed: when the last chunk with text came (decode ends there, not at [DONE])
 
 
 def prompt_reuse(data: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -72,19 +73,29 @@ class _Deadline:
             conn.sock.settimeout(left)
 
 
-def get_status(url: str, path: str, timeout: float = 2.0) -> int | None:
-    """The HTTP status of ``GET url+path``, or None when the server does not answer."""
+def _fetch(url: str, path: str, timeout: float) -> tuple[int | None, bytes]:
+    """(status, body) of ``GET url+path``; (None, b"") when the server does not answer."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path.rstrip("/") + path)
         response = conn.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     except (OSError, http.client.HTTPException):
-        return None
+        return None, b""
     finally:
         conn.close()
+
+
+def get_status(url: str, path: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of ``GET url+path``, or None when the server does not answer."""
+    return _fetch(url, path, timeout)[0]
+
+
+def get_text(url: str, path: str, timeout: float = 10.0) -> str | None:
+    """The body of ``GET url+path`` when it answers 200, else None."""
+    status, body = _fetch(url, path, timeout)
+    return body.decode("utf-8", "replace") if status == 200 else None
 
 
 def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, abandon: bool = False,
@@ -126,7 +137,7 @@ def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, aban
 def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
                  deadline: _Deadline, started: float) -> Outcome:
     """Read server-sent events until ``data: [DONE]``; time the first chunk that carries text."""
-    ttft = None
+    ttft = last = None
     tokens = None
     prompt = cached = None
     pieces: list[str] = []
@@ -142,16 +153,75 @@ def _read_stream(conn: http.client.HTTPConnection, response: http.client.HTTPRes
         if data == b"[DONE]":
             latency = time.perf_counter() - started
             return Outcome(DONE, ttft=ttft if ttft is not None else latency, latency=latency,
-                           completion_tokens=tokens, text="".join(pieces), prompt_tokens=prompt, cached_tokens=cached)
+                           completion_tokens=tokens, text="".join(pieces), prompt_tokens=prompt, cached_tokens=cached,
+                           last=last)
         chunk = json.loads(data)
         if "error" in chunk:
             return Outcome(ERROR, ttft=ttft, text="".join(pieces), error=json.dumps(chunk["error"])[:500])
         if chunk.get("usage"):
             tokens = chunk["usage"].get("completion_tokens")
+        elif tokens is None and isinstance((chunk.get("timings") or {}).get("predicted_n"), int):
+            tokens = chunk["timings"]["predicted_n"]  # llama.cpp's count, when it sends no usage
         chunk_prompt, chunk_cached = prompt_reuse(chunk)
         if chunk_cached is not None:  # the last chunk (with usage or timings) carries the figures
             prompt, cached = chunk_prompt, chunk_cached
         text = reply_text(chunk)
-        if text and ttft is None:
-            ttft = time.perf_counter() - started
+        if text:
+            last = time.perf_counter() - started
+            if ttft is None:
+                ttft = last
         pieces.append(text)
+
+
+# The speculative-decoding counters of our server's /metrics (summed over its workers and models):
+# draft tokens proposed, draft tokens the model accepted, and row-steps that carried a draft.
+SPEC_METRICS = {"drafted": "fauxpilot_spec_drafted_tokens_total", "accepted": "fauxpilot_spec_accepted_tokens_total",
+                "steps": "fauxpilot_spec_steps_total"}
+
+
+def metric_sums(text: str) -> dict[str, float]:
+    """Each sample name in a Prometheus text exposition -> the sum of its values over all label sets."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # "name{labels} value [timestamp]": label values may hold spaces, so split after the closing brace.
+        brace = line.find("{")
+        if brace >= 0:
+            name, rest = line[:brace], line[line.rfind("}") + 1:]
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        sums[name] = sums.get(name, 0.0) + value
+    return sums
+
+
+def spec_counters(text: str | None) -> dict[str, float | None]:
+    """The speculation counters (drafted, accepted, steps) from a /metrics text; None for each one absent."""
+    sums = metric_sums(text) if text else {}
+    # A gauge exported under the name without "_total" counts too (the server's metric types may change).
+    return {key: sums.get(name, sums.get(name.removesuffix("_total"))) for key, name in SPEC_METRICS.items()}
+
+
+def read_spec_counters(url: str) -> dict[str, float | None]:
+    """The server's speculation counters now (all None when it has no /metrics or no such counters)."""
+    return spec_counters(get_text(url, "/metrics"))
+
+
+def spec_delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
+    """Counter growth between two readings, with accepted per step and the acceptance rate; None where unknown."""
+    delta: dict[str, Any] = {}
+    for key in SPEC_METRICS:
+        b, a = before.get(key), after.get(key)
+        delta[key] = None if a is None else int(round(a - (b or 0)))
+    accepted, drafted, steps = delta["accepted"], delta["drafted"], delta["steps"]
+    delta["accepted_per_step"] = accepted / steps if accepted is not None and steps else None
+    delta["acceptance"] = accepted / drafted if accepted is not None and drafted else None
+    return delta

@@ -1,6 +1,7 @@
 """Prompt material: real Python standard-library source, cut to token budgets with the model's tokenizer."""
 from __future__ import annotations
 
+import collections
 import inspect
 import sysconfig
 import textwrap
@@ -16,6 +17,11 @@ def stdlib_files(min_bytes: int = 12_000) -> list[Path]:
 def keystroke_source() -> Path:
     """The file the keystroke session types through: textwrap.py of this Python."""
     return Path(inspect.getsourcefile(textwrap))
+
+
+def edit_source() -> Path:
+    """The file the edit session re-types code in: collections/__init__.py of this Python (UserString)."""
+    return Path(inspect.getsourcefile(collections))
 
 
 class Corpus:

@@ -1,4 +1,4 @@
-"""What four editor plugins send at a keystroke: pure prompt builders over a document and its cursor.
+"""What editor clients send at a keystroke: pure prompt builders over a document and its cursor.
 
 Each builder follows its plugin's source (read at the commits named in bench/README.md) as far
 as the prompt's text goes; where the bench simplifies, the docstring says how. Nothing here
@@ -406,3 +406,37 @@ class Ring:
         self.chunks.append(self.queued.pop(0))
         del self.chunks[:max(0, len(self.chunks) - LLAMA_RING_CHUNKS)]
         return True
+
+
+# --- A plain OpenAI /v1/completions client re-typing code that repeats code above it ("edit") --------------------
+
+# UserString in collections/__init__.py wraps every str method in a near-identical one-liner, and its
+# r-methods (rfind, rindex, rjust, rpartition, rstrip, rsplit) mirror find, index, ljust, partition,
+# lstrip and split a few dozen lines above them. Re-typing from rfind on, the right continuation is
+# almost always a copy, with one letter changed, of text already in the prompt: the case that
+# drafting from the prompt (speculative decoding) should speed up, in a real stdlib file.
+EDIT_ANCHOR = "    def rfind(self, sub, start=0, end=_sys.maxsize):"
+EDIT_MAX_TOKENS = 128    # one streamed answer; no stop sequences, so decode speed is measured over many tokens
+EDIT_CONTEXT = 2048      # prompt budget in tokens: the file before the cursor, cut at a line fixed for the session
+EDIT_SUFFIX_LINES = 40   # lines after the cursor sent as ``suffix`` (0: none)
+
+
+def edit_start_line(source: str, anchor: str = EDIT_ANCHOR) -> int | None:
+    """The 0-based line of ``source`` that is exactly ``anchor`` (the first such), or None."""
+    for number, line in enumerate(source.split("\n")):
+        if line == anchor:
+            return number
+    return None
+
+
+def edit_body(doc: Doc, start: int, max_tokens: int = EDIT_MAX_TOKENS,
+              suffix_lines: int = EDIT_SUFFIX_LINES) -> dict[str, Any]:
+    """A plain client's request: the text from offset ``start`` to the cursor, the next lines as suffix.
+
+    ``start`` stays put for the whole session (a plain client cut once to fit the window), so
+    the prompt only grows at its end, as the file does. Greedy, no stop sequences; EOS may end it.
+    """
+    body: dict[str, Any] = {"prompt": doc.text[start:doc.offset], "max_tokens": max_tokens}
+    if suffix_lines > 0:
+        body["suffix"] = "\n".join(doc.after.split("\n")[:suffix_lines + 1])
+    return body

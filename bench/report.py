@@ -25,8 +25,41 @@ def _get(figures: Figures, *path: Any) -> Any:
 
 
 def decode_rate(figures: Figures) -> float | None:
-    """A system's batch-1 decode tokens/s from the cold workload."""
-    return _get(figures, "cold", "decode_tok_s")
+    """A system's batch-1 decode tokens/s: the decode workload's one stream, else the cold workload's."""
+    rate = _get(figures, "decode", "1", "decode_tok_s")
+    return rate if rate is not None else _get(figures, "cold", "decode_tok_s")
+
+
+def decode_levels(systems: dict[str, Figures]) -> list[int]:
+    """The stream counts the decode workload ran at, over all systems, ascending."""
+    levels = {int(k) for f in systems.values() for k in (f.get("decode") or {}) if str(k).isdigit()}
+    return sorted(levels)
+
+
+def streams_rate(level: Figures | None) -> str:
+    """A decode level's total tok/s: first to last token, or over the wall (marked) for a server that cannot stream."""
+    if not level:
+        return "—"
+    if level.get("decode_tok_s") is not None:
+        return _num(level["decode_tok_s"], 1)
+    return "—" if level.get("tok_s") is None else f"{_num(level['tok_s'], 1)} (wall)"
+
+
+def spec_cell(spec: Figures | None) -> str:
+    """Speculation counters as 'accepted / drafted (per step)', or — when the server has none."""
+    if not spec or spec.get("steps") is None:
+        return "—"
+    per_step = spec.get("accepted_per_step")
+    return (f"{_num(spec.get('accepted'))} / {_num(spec.get('drafted'))} "
+            f"({'—' if per_step is None else f'{per_step:.2f}'} per step)")
+
+
+def start_cell(figures: Figures) -> str:
+    """Seconds from launch until the server answered its readiness check."""
+    value = figures.get("start_s")
+    if value is None:
+        return "— (attached)" if figures.get("url") else "—"
+    return _num(value, 1)
 
 
 def roofline_share(name: str, figures: Figures, roofline: dict[str, Any]) -> float | None:
@@ -37,6 +70,7 @@ def roofline_share(name: str, figures: Figures, roofline: dict[str, Any]) -> flo
 
 def _rows(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[int]) -> list[tuple[str, Callable]]:
     """(metric label, cell function of (name, figures)) for every table row."""
+    levels = decode_levels(systems)
 
     def key(*path: Any, digits: int = 0) -> Callable:
         return lambda name, f: _num(_get(f, *path), digits)
@@ -72,6 +106,7 @@ def _rows(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[i
         return "—" if value is None else f"{value:.0%}"
 
     rows: list[tuple[str, Callable]] = [
+        ("server start: ready after (s)", lambda name, f: start_cell(f)),
         ("keystroke: awaited answers", awaited),
         ("keystroke: in-burst requests done in window / abandoned", in_burst),
         ("keystroke latency p50 (ms)", lower_bound("latency_p50_ms")),
@@ -84,6 +119,21 @@ def _rows(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[i
         ("cold decode tok/s", cold_decode),
         ("cold tok/s over total", key("cold", "total_tok_s", digits=1)),
     ]
+    if levels:
+        rows.append(("decode: prompt tokens (cached after the first run)", key("decode", "prompt_tokens")))
+    for n in levels:
+        streams = f"decode {n} stream{'s' * (n > 1)}"
+        if n == 1:
+            rows.append((f"{streams}: tok/s, first to last token (median)",
+                         lambda name, f: f"{_num(_get(f, 'decode', '1', 'decode_tok_s'), 1)}"
+                                         f"{' (est.)' if _get(f, 'decode', '1', 'decode_estimated') else ''}"))
+        else:
+            rows.append((f"{streams}: total tok/s, first to last token (median)",
+                         lambda name, f, n=n: streams_rate(_get(f, "decode", str(n)))))
+        rows += [(f"{streams}: total tok/s over the wall", key("decode", str(n), "tok_s", digits=1)),
+                 (f"{streams}: TTFT (ms)", key("decode", str(n), "ttft_ms")),
+                 (f"{streams}: draft tokens accepted / drafted",
+                  lambda name, f, n=n: spec_cell(_get(f, "decode", str(n), "spec")))]
     for n in clients:
         rows += [
             (f"load {n} client{'s' * (n > 1)}: total tok/s", key("load", str(n), "tok_s", digits=1)),
@@ -93,9 +143,39 @@ def _rows(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[i
             (f"load {n} client{'s' * (n > 1)}: requests / errors",
              lambda name, f, n=n: f"{_num(_get(f, 'load', str(n), 'requests'))} / "
                                   f"{_num(_get(f, 'load', str(n), 'errors'))}"),
+            (f"load {n} client{'s' * (n > 1)}: draft tokens accepted / drafted",
+             lambda name, f, n=n: spec_cell(_get(f, "load", str(n), "spec"))),
         ]
-    rows += [("roofline tok/s (weight bytes per token)", roof), ("batch-1 decode, % of roofline", share)]
+    rows += [("roofline tok/s (weight bytes per token)", roof),
+             (f"batch-1 decode, % of roofline ({'decode' if levels else 'cold'} workload)", share)]
     return rows
+
+
+def headline(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[int]) -> str:
+    """Markdown: one row per system with its start, cold TTFT, batch-1 decode, roofline share and N-stream totals."""
+    levels = [n for n in decode_levels(systems) if n > 1]
+    many = max(levels) if levels else None
+    loaded = max((n for n in clients if n > 1), default=None)
+    head = ["system", "ready after (s)", "cold TTFT (ms)", "batch-1 decode tok/s", "% of roofline"]
+    if many:
+        head.append(f"{many} streams total tok/s (decode)")
+    if loaded:
+        head.append(f"{loaded} clients total tok/s (load)")
+    head.append("accepted draft tokens per step (batch 1)")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, f in systems.items():
+        share = roofline_share(name, f, roofline)
+        spec = _get(f, "decode", "1", "spec") or {}
+        cells = [LABELS[name], start_cell(f), _num(_get(f, "cold", "ttft_ms")), _num(decode_rate(f), 1),
+                 "—" if share is None else f"{share:.0%}"]
+        if many:
+            cells.append(streams_rate(_get(f, "decode", str(many))))
+        if loaded:
+            cells.append(_num(_get(f, "load", str(loaded), "tok_s"), 1))
+        per_step = spec.get("accepted_per_step")
+        cells.append("—" if per_step is None else f"{per_step:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[int]) -> str:
@@ -107,17 +187,22 @@ def table(systems: dict[str, Figures], roofline: dict[str, Any], clients: list[i
     if any(s != "ok" for s in status_cells):
         lines.append("| status | " + " | ".join(status_cells) + " |")
     for label, cell in _rows(systems, roofline, clients):
-        lines.append(f"| {label} | " + " | ".join(cell(n, systems[n]) for n in names) + " |")
+        cells = [cell(n, systems[n]) for n in names]
+        if any(c.replace("—", "").replace("/", "").strip() for c in cells):  # workloads that did not run: left out
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _comparisons(clients: list[int]) -> list[tuple[str, tuple, bool, str]]:
+def _comparisons(clients: list[int], levels: list[int] = ()) -> list[tuple[str, tuple, bool, str]]:
     """(label, path in the figures, lower is better, unit) of the metrics compared as ratios."""
-    items = [("keystroke latency p50", ("keystroke", "latency_p50_ms"), True, "ms"),
+    items = [("start time", ("start_s",), True, "s"),
+             ("keystroke latency p50", ("keystroke", "latency_p50_ms"), True, "ms"),
              ("keystroke latency p95", ("keystroke", "latency_p95_ms"), True, "ms"),
              ("keystroke TTFT p50", ("keystroke", "ttft_p50_ms"), True, "ms"),
              ("cold TTFT", ("cold", "ttft_ms"), True, "ms"),
              ("cold decode", ("cold", "decode_tok_s"), False, "tok/s")]
+    for n in levels:
+        items.append((f"decode {n} stream{'s' * (n > 1)}", ("decode", str(n), "decode_tok_s"), False, "tok/s"))
     for n in clients:
         level = f"load {n} client{'s' * (n > 1)}"
         items.append((f"{level} throughput", ("load", str(n), "tok_s"), False, "tok/s"))
@@ -134,7 +219,7 @@ def ratios(systems: dict[str, Figures], clients: list[int]) -> str:
     for other in (n for n in systems if n != "ours"):
         label = LABELS[other]
         out.append(f"\n### ours vs {label} (above 1× = ours better)\n")
-        for name, path, lower_better, unit in _comparisons(clients):
+        for name, path, lower_better, unit in _comparisons(clients, decode_levels(systems)):
             a, b = _get(ours, *path), _get(systems[other], *path)
             if not a or not b:
                 out.append(f"- {name}: n/a")
@@ -180,6 +265,15 @@ def targets(systems: dict[str, Figures], roofline: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DECODE_NOTES = ("Decode tok/s counts from the first streamed token to the last: (tokens − 1) ÷ (last − first), "
+                "the median of runs; N streams: all streams' tokens − 1 over the first token of any stream to the "
+                "last of any (\"wall\": from the first send to the last answer, for a server that cannot stream). "
+                "Greedy, EOS banned, so every answer has all its tokens. The roofline is one read of the weights per "
+                "token; speculative decoding checks several tokens per read, so ours can pass 100 %. Draft tokens: "
+                "our server's /metrics counters (`fauxpilot_spec_*`) over the level, warm-up included; — where a "
+                "server has none.")
+
+
 def markdown(meta: dict[str, Any], systems: dict[str, Figures], roofline: dict[str, Any],
              clients: list[int]) -> str:
     """The whole report: settings, then the older workloads' table, ratios and targets, then the sessions'."""
@@ -190,6 +284,7 @@ def markdown(meta: dict[str, Any], systems: dict[str, Figures], roofline: dict[s
         bandwidth = roofline.get("bandwidth_gb_s", {})
         parts.append(f"Memory read bandwidth: {_num(bandwidth.get('1'), 1)} GB/s (1 thread), "
                      f"{_num(bandwidth.get('2'), 1)} GB/s (2 threads); the roofline uses the best.\n\n"
+                     + headline(systems, roofline, clients) + "\n\n" + DECODE_NOTES + "\n\n"
                      + table(systems, roofline, clients) + "\n" + ratios(systems, clients)
                      + "\n\n### Targets\n\n" + targets(systems, roofline) + "\n")
     if meta.get("sessions"):
@@ -208,6 +303,10 @@ def _session_cell(metric: str, s: Figures | None) -> str:
         return f"{bound}{_num(s.get('latency_p50_ms'))} / {bound}{_num(s.get('latency_p95_ms'))}"
     if metric == "ttft":
         return "— (not streamed)" if s.get("ttft_p50_ms") is None else _num(s["ttft_p50_ms"])
+    if metric == "decode":
+        return _num(s.get("decode_tok_s"), 1)
+    if metric == "spec":
+        return spec_cell(s.get("spec"))
     if metric == "full":
         per100 = s.get("full_prefills_per_100")
         return "— (no token counts)" if per100 is None else f"{per100:.1f} ({s['full_prefills']} of {s['counted']})"
@@ -224,6 +323,8 @@ def _session_cell(metric: str, s: Figures | None) -> str:
 
 
 SESSION_ROWS = (("awaited latency p50 / p95 (ms)", "latency"), ("first token p50 (ms)", "ttft"),
+                ("decode tok/s p50 (first to last token)", "decode"),
+                ("draft tokens accepted / drafted", "spec"),
                 ("full prefills per 100 requests", "full"), ("reused prompt tokens", "reused"),
                 ("requests", "requests"), ("fidelity", "fidelity"))
 
@@ -232,7 +333,8 @@ def sessions_table(systems: dict[str, Figures], clients: list[str]) -> str:
     """Markdown: a block of rows per client, one column per system."""
     names = list(systems)
     lines = ["| client | metric | " + " | ".join(LABELS[n] for n in names) + " |",
-             "|---|---|" + "---:|" * len(names)]
+             "|---|---|" + "---:|" * len(names),
+             "| (server) | ready after (s) | " + " | ".join(start_cell(systems[n]) for n in names) + " |"]
     for client in clients:
         for label, metric in SESSION_ROWS:
             cells = [_session_cell(metric, _get(systems[n], "sessions", client)) for n in names]
@@ -282,7 +384,12 @@ def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
              "always the cold one). llama-server gets "
              "Copilot's and Continue's requests without `suffix` (its /v1/completions refuses one) and ignores "
              "`extra.context`, so its prompts there are shorter; for /infill it is started with FIM stand-in tokens "
-             "when the model has none (see bench/README.md).")
+             "when the model has none (see bench/README.md). Decode tok/s (streamed clients): per awaited answer "
+             "(completion tokens − 1) ÷ (last token − first token), the median. Draft tokens: our server's "
+             "`fauxpilot_spec_*` counters read from /metrics before and after the session, per step = accepted ÷ "
+             "row-steps that carried a draft; — where the server has none. The edit session is a plain "
+             "/v1/completions client re-typing UserString's r-methods in collections/__init__.py, which mirror "
+             "methods above them.")
     return ("## Editor sessions\n\n" + sessions_table(systems, clients) + "\n\n" + notes
             + "\n\n### Session targets\n\n" + session_targets(systems, clients) + "\n")
 

@@ -83,6 +83,7 @@ def bytes_per_token(model_files: ModelFiles) -> dict[str, Any]:
     elif model_files.ours_dtype != "float32":
         model = model.to(getattr(torch, model_files.ours_dtype))
     result["ours"] = weight_bytes_per_token(model)
+    result["ours_nospec"] = result["ours"]  # the same server and weights, speculation off
     result["llamacpp"] = model_files.gguf.stat().st_size if model_files.gguf else None
     result["llamaserver"] = result["llamacpp"]  # the same GGUF file, read by llama.cpp's own server
     del model
@@ -95,7 +96,7 @@ def measure(model_files: ModelFiles, bandwidth_mb: int = 512) -> dict[str, Any]:
     bandwidth = {threads: memory_bandwidth(threads, bandwidth_mb) for threads in (1, 2)}
     best = max(bandwidth.values())
     per_token = bytes_per_token(model_files)
-    roofline = {name: best * 1e9 / per_token[name] for name in ("ours", "naive", "llamacpp", "llamaserver")
-                if per_token.get(name)}
+    roofline = {name: best * 1e9 / per_token[name]
+                for name in ("ours", "ours_nospec", "naive", "llamacpp", "llamaserver") if per_token.get(name)}
     return {"bandwidth_gb_s": {str(k): v for k, v in bandwidth.items()}, "bandwidth_best_gb_s": best,
             "bytes_per_token": per_token, "roofline_tok_s": roofline}

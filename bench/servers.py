@@ -18,8 +18,10 @@ from .client import get_status
 from .llama_server import find_binary, fim_overrides
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ours", "naive", "llamacpp", "llamaserver")
-LABELS = {"ours": "ours", "naive": "naive", "llamacpp": "llama.cpp", "llamaserver": "llama-server"}
+SYSTEMS = ("ours", "ours_nospec", "naive", "llamacpp", "llamaserver")
+LABELS = {"ours": "ours", "ours_nospec": "FauxPilot Lite (no speculation)", "naive": "naive", "llamacpp": "llama.cpp",
+          "llamaserver": "llama-server"}
+OURS = ("ours", "ours_nospec")  # this project's server, with and without speculative decoding
 LLAMACPP_INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" .venv/bin/pip install 'llama-cpp-python[server]'"
 
 
@@ -106,6 +108,12 @@ def _ours_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, st
             {"FAUXPILOT_BIND": f"127.0.0.1:{port}"})
 
 
+def _ours_nospec_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    # The same server with speculative decoding off, for an on/off comparison within one run.
+    argv, env = _ours_command(port, model)
+    return argv, {**env, "FAUXPILOT_SPECULATIVE_TOKENS": "0"}
+
+
 def _naive_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
     return ([sys.executable, "-m", "bench.naive_server", "--model", str(model.folder),
              "--host", "127.0.0.1", "--port", str(port), "--threads", "2"], {})
@@ -145,6 +153,8 @@ class Launcher:
 LAUNCHERS = {
     "ours": Launcher(_ours_command, "/health", streams=True,
                      stream_body={"stream_options": {"include_usage": True}}),
+    "ours_nospec": Launcher(_ours_nospec_command, "/health", streams=True,
+                            stream_body={"stream_options": {"include_usage": True}}),
     "naive": Launcher(_naive_command, "/health", streams=False),
     # llama-cpp-python's completions default to repeat_penalty 1.1; plain greedy like the others.
     "llamacpp": Launcher(_llamacpp_command, "/v1/models", streams=True, extra_body={"repeat_penalty": 1.0}),

@@ -1,4 +1,4 @@
-"""Editor sessions: four plugins' request patterns while a developer types through a real file.
+"""Editor sessions: four plugins' request patterns, and a plain client's, while a developer types through a file.
 
 The typist re-types ``textwrap.py`` of the standard library from line 150, in bursts of
 keystrokes (``burst`` steps ``window_s`` apart), and waits for the answer to the last
@@ -16,9 +16,15 @@ keystroke of each burst. What the client does with the other keystrokes is its o
   queued) and 3 s into the pause the ring update sends a warm-up request with ``n_predict: 0``
   (the plugin's 1 s ring timer acts once 3 s have passed since its last completion request began).
 
-Awaited latency counts from the moment the client would send (after its own debounce) to
-the answer, including any wait for the client's previous request. Other clients do nothing
-while the typist pauses, so their sessions skip the pauses.
+- **edit**: a plain OpenAI /v1/completions client re-typing UserString's r-methods in
+  collections/__init__.py (they mirror methods above them, see bench/editors.py): only a burst's
+  last keystroke sends, streamed, greedy, 128 tokens, no stops; for its decode speed and the
+  server's speculation counters.
+
+Every session reads the server's speculation counters from /metrics before and after (ours has
+them; absent counters are reported as None). Awaited latency counts from the moment the client
+would send (after its own debounce) to the answer, including any wait for the client's previous
+request. Other clients do nothing while the typist pauses, so their sessions skip the pauses.
 """
 from __future__ import annotations
 
@@ -29,15 +35,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete
-from .corpus import Corpus, keystroke_source
-from .editors import (LLAMA_RING_IDLE_S, Doc, Ring, TypingScript, continue_body, continue_prompt, copilot_body, copilot_context,
-                      copilot_prompt, fauxpilot_body, future_fields, infill_body, infill_fields, warmup_body)
+from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete, read_spec_counters, spec_delta
+from .corpus import Corpus, edit_source, keystroke_source
+from .editors import (EDIT_CONTEXT, EDIT_MAX_TOKENS, EDIT_SUFFIX_LINES, LLAMA_RING_IDLE_S, Doc, Ring, TypingScript,
+                      continue_body, continue_prompt, copilot_body, copilot_context, copilot_prompt, edit_body,
+                      edit_start_line, fauxpilot_body, future_fields, infill_body, infill_fields, warmup_body)
 from .servers import Server
-from .stats import percentile
+from .stats import decode_speed, median, percentile
 
-SESSIONS = ("fauxpilot", "copilot", "continue", "llamavscode")
-LABELS = {"fauxpilot": "FauxPilot", "copilot": "Copilot", "continue": "Continue", "llamavscode": "llama.vscode"}
+SESSIONS = ("fauxpilot", "copilot", "continue", "llamavscode", "edit")
+LABELS = {"fauxpilot": "FauxPilot", "copilot": "Copilot", "continue": "Continue", "llamavscode": "llama.vscode",
+          "edit": "plain client (edit)"}
 UNSUPPORTED = (404, 405, 501)  # the server has no such route, or refuses it for this model
 MODEL = "codegen"
 POLL_S = 0.15  # llama.vscode's DELAY_BEFORE_COMPL_REQUEST: how often a waiting keystroke looks again
@@ -59,6 +67,11 @@ class SessionOptions:
     ring_files: int = 8        # llama.vscode: other files visited before the session (a chunk each in the ring)
     seed: int = 13             # for the random choices the plugins make (chunk places, snippet order)
     context_window: int = 8192  # the model's context (Copilot's budget is capped to fit it)
+    edit_file: str = ""        # edit session: the file (default: collections/__init__.py of this Python)
+    edit_line: int = -1        # edit session: the line typing starts at (-1: UserString.rfind's, see editors.py)
+    edit_tokens: int = EDIT_MAX_TOKENS        # edit session: max_tokens of each request
+    edit_context: int = EDIT_CONTEXT          # edit session: prompt budget in tokens
+    edit_suffix_lines: int = EDIT_SUFFIX_LINES  # edit session: lines after the cursor sent as suffix
 
 
 class Session:
@@ -88,6 +101,7 @@ class Session:
                            path=path)
         record = {"kind": kind, "step": step, "status": outcome.status, "http_status": outcome.http_status,
                   "ttft_ms": _ms(outcome.ttft), "latency_ms": _ms(outcome.latency), "waited_ms": _ms(waited_s),
+                  "last_ms": _ms(outcome.last), "completion_tokens": outcome.completion_tokens,
                   "prompt_tokens": outcome.prompt_tokens, "cached_tokens": outcome.cached_tokens,
                   "n_predict": body.get("n_predict", body.get("max_tokens")), "error": outcome.error}
         if kind == "awaited":
@@ -140,6 +154,11 @@ class Editor:
     def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
         self.corpus, self.options, self.source = corpus, options, source
         self.rng = random.Random(options.seed)
+
+    @classmethod
+    def target(cls, options: SessionOptions) -> tuple[Path, int]:
+        """The file typed through and the line typing starts at."""
+        return (Path(options.source) if options.source else keystroke_source()), options.start_line
 
     def request(self, doc: Doc) -> dict[str, Any]:
         """The request body for the document at this keystroke."""
@@ -240,7 +259,38 @@ class LlamaVscode(Editor):
         time.sleep(seconds - idle)
 
 
-EDITORS = {"fauxpilot": FauxPilot, "copilot": Copilot, "continue": Continue, "llamavscode": LlamaVscode}
+class Edit(Editor):
+    """A plain OpenAI client: the file before the cursor (cut once to a budget), a suffix, streamed, greedy.
+
+    No debounce and nothing sent inside a burst, so every request is an awaited one and its
+    decode speed is not disturbed by cancelled neighbours.
+    """
+
+    name, stream = "edit", True
+
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
+        super().__init__(corpus, options, source)
+        self.start: int | None = None  # where the prompt begins, fixed at the first request
+
+    @classmethod
+    def target(cls, options: SessionOptions) -> tuple[Path, int]:
+        """UserString.rfind in collections/__init__.py unless --edit-file/--edit-line say otherwise."""
+        source = Path(options.edit_file) if options.edit_file else edit_source()
+        if options.edit_line >= 0:
+            return source, options.edit_line
+        line = edit_start_line(source.read_text(encoding="utf-8"))
+        if line is None:  # another Python's file without the method: the middle of the file
+            line = source.read_text(encoding="utf-8").count("\n") // 2
+        return source, line
+
+    def request(self, doc: Doc) -> dict[str, Any]:
+        """edit_body from the session's fixed prompt start."""
+        if self.start is None:
+            self.start = self.corpus.tail_start(doc.text, doc.offset, self.options.edit_context)
+        return edit_body(doc, self.start, self.options.edit_tokens, self.options.edit_suffix_lines)
+
+
+EDITORS = {"fauxpilot": FauxPilot, "copilot": Copilot, "continue": Continue, "llamavscode": LlamaVscode, "edit": Edit}
 
 
 def _in_burst(editor: Editor, session: Session, doc: Doc, step: int, keystroke: float) -> None:
@@ -272,11 +322,12 @@ def _awaited(editor: Editor, session: Session, script: TypingScript, step: int) 
 
 def run_session(name: str, server: Server, corpus: Corpus, options: SessionOptions) -> dict[str, Any]:
     """Type through the file as client ``name`` against ``server``; every request and the summary."""
-    source = Path(options.source) if options.source else keystroke_source()
+    source, start_line = EDITORS[name].target(options)
     editor = EDITORS[name](corpus, options, source)
-    script = TypingScript(source.read_text(encoding="utf-8"), options.start_line, options.chars_per_step,
+    script = TypingScript(source.read_text(encoding="utf-8"), start_line, options.chars_per_step,
                           options.awaited * options.burst, source.name)
     session = Session(server, options)
+    counters = read_spec_counters(server.url)
     started = time.perf_counter()
     editor.prepare(session)
     for burst in range(script.steps // options.burst):
@@ -284,8 +335,14 @@ def run_session(name: str, server: Server, corpus: Corpus, options: SessionOptio
             break
         _burst(editor, session, script, burst)
     session.join()  # not on an exception: the background threads are daemons, and the server is stopped next
-    result = {"client": name, "options": asdict(options), "seconds": round(time.perf_counter() - started, 1),
-              "status": session.unsupported or "ok", "records": session.records, "fidelity": None}
+    seconds = round(time.perf_counter() - started, 1)
+    for record in session.records:  # a server that sends no token count: count the answer's text
+        if record["kind"] == "awaited" and record["status"] == DONE and record["completion_tokens"] is None:
+            record["completion_tokens"] = corpus.count(record["completion"]) if record["completion"] else 0
+            record["tokens_counted_here"] = True
+    result = {"client": name, "options": asdict(options), "file": str(source), "start_line": start_line,
+              "seconds": seconds, "status": session.unsupported or "ok", "records": session.records,
+              "fidelity": None, "spec": spec_delta(counters, read_spec_counters(server.url))}
     return {**result, **summarize(session.records, options.timeout_s, editor.stream)}
 
 
@@ -315,6 +372,8 @@ def summarize(records: list[dict[str, Any]], cap_s: float, streamed: bool) -> di
     answered = [r for r in records if r["status"] == DONE and r["kind"] != "warm-up"]
     counted = [r for r in answered if r["prompt_tokens"] and r["cached_tokens"] is not None]
     full = sum(r["cached_tokens"] < r["prompt_tokens"] / 2 for r in counted)
+    speeds = [decode_speed(r.get("completion_tokens"), r["ttft_ms"], r.get("last_ms"))
+              for r in awaited if r["status"] == DONE] if streamed else []
     kinds: dict[str, int] = {}
     for r in records:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
@@ -326,6 +385,8 @@ def summarize(records: list[dict[str, Any]], cap_s: float, streamed: bool) -> di
         "requests": kinds, "answered": len(answered), "counted": len(counted),
         "latency_p50_ms": percentile(latency, 50), "latency_p95_ms": percentile(latency, 95),
         "ttft_p50_ms": percentile(ttft, 50),
+        "decode_tok_s": median([v for v in speeds if v is not None]),
+        "completion_tokens": sum(r.get("completion_tokens") or 0 for r in awaited if r["status"] == DONE),
         "full_prefills": full, "full_prefills_per_100": 100 * full / len(counted) if counted else None,
         "prompt_tokens": sum(r["prompt_tokens"] for r in counted),
         "reused_tokens": sum(r["cached_tokens"] for r in counted),

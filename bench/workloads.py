@@ -1,4 +1,4 @@
-"""The three workloads replayed against every server: keystroke session, cold prompts, concurrent load."""
+"""The workloads replayed against every server: keystroke session, cold prompts, decode, concurrent load."""
 from __future__ import annotations
 
 import itertools
@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete
+from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete, read_spec_counters, spec_delta
 from .corpus import Corpus, keystroke_source
 from .servers import Server
-from .stats import median, percentile
+from .stats import decode_speed, median, percentile
 
 MODEL = "codegen"  # an alias of our default model; the others ignore or alias it
 
@@ -120,7 +120,7 @@ def cold(server: Server, prompts: list[str], corpus: Corpus, max_tokens: int, ba
         run: dict[str, Any] = {"prompt_tokens": corpus.count(prompt), "status": outcome.status,
                                "error": outcome.error, "warm_up": number == 0,
                                "ttft_ms": _ms(outcome.ttft), "total_ms": _ms(outcome.latency),
-                               "tokens": outcome.completion_tokens or max_tokens}
+                               "last_ms": _ms(outcome.last), "tokens": outcome.completion_tokens or max_tokens}
         if outcome.status == DONE and not server.streams:
             one = complete(server.url, request_body(server, prompt, 1, stream=False, banned=banned), False,
                            limit=timeout)
@@ -130,20 +130,94 @@ def cold(server: Server, prompts: list[str], corpus: Corpus, max_tokens: int, ba
 
 
 def _cold_summary(runs: list[dict[str, Any]], streams: bool) -> dict[str, Any]:
-    """Medians of TTFT, total time, decode tok/s ((tokens-1)/(total-ttft)) and tokens/s over the total."""
+    """Medians of TTFT, total time, decode tok/s (first to last token) and tokens/s over the total.
+
+    Streamed, decode ends at the last chunk with text (a usage chunk may follow it); not
+    streamed, the 1-token request's time stands in for the first token's.
+    """
     done = [r for r in runs if r["status"] == DONE]
-    decode = []
+    speeds = []
     for r in done:
         first = r["ttft_ms"] if streams else r.get("one_token_ms")
-        if first is not None and r["total_ms"] > first:
-            decode.append((r["tokens"] - 1) / ((r["total_ms"] - first) / 1000))
+        last = (r.get("last_ms") or r["total_ms"]) if streams else r["total_ms"]
+        speed = decode_speed(r["tokens"], first, last)
+        if speed is not None:
+            speeds.append(speed)
     return {
         "runs_ok": len(done), "runs_failed": len(runs) - len(done),
         "prompt_tokens": median([r["prompt_tokens"] for r in runs]),
         "ttft_ms": median([r["ttft_ms"] for r in done]), "total_ms": median([r["total_ms"] for r in done]),
-        "decode_tok_s": median(decode), "decode_estimated": not streams,
+        "decode_tok_s": median(speeds), "decode_estimated": not streams,
         "total_tok_s": median([r["tokens"] / (r["total_ms"] / 1000) for r in done]),
     }
+
+
+def decode(server: Server, prompt: str, corpus: Corpus, levels: list[int], runs: int, max_tokens: int,
+           banned: list[int], timeout: float) -> dict[str, Any]:
+    """One fixed prompt, ``max_tokens`` tokens each (EOS banned), at each number of concurrent streams.
+
+    One stream is the cold workload on the same prompt repeated: the first run (a warm-up)
+    caches it, so the others measure decode. N streams send N copies at once per round, one
+    warm-up round then ``runs``. The server's speculation counters are read around each level.
+    """
+    result: dict[str, Any] = {"prompt_tokens": corpus.count(prompt), "max_tokens": max_tokens, "runs": runs}
+    for clients in levels:
+        before = read_spec_counters(server.url)
+        if clients == 1:
+            level = cold(server, [prompt] * (runs + 1), corpus, max_tokens, banned, timeout)
+            level["tok_s"] = level["total_tok_s"]  # one stream's tokens over its whole time, as the rounds count
+        else:
+            body = request_body(server, prompt, max_tokens, stream=server.streams, banned=banned)
+            rounds = [{**_round(server, body, clients, max_tokens, timeout), "warm_up": number == 0}
+                      for number in range(runs + 1)]
+            level = {"rounds": rounds, **_rounds_summary([r for r in rounds if not r["warm_up"]])}
+        level["clients"] = clients
+        level["spec"] = spec_delta(before, read_spec_counters(server.url))
+        result[str(clients)] = level
+    return result
+
+
+def _round(server: Server, body: dict[str, Any], clients: int, max_tokens: int, timeout: float) -> dict[str, Any]:
+    """``clients`` copies of one request sent together; the round's total tok/s, decode-only and over the wall.
+
+    Decode tok/s is (all tokens - 1) / (the last token of any stream - the first token of any
+    stream), the batch-1 formula over the streams together; tok/s counts from the first send to
+    the last answer. Not streamed, only the second can be told.
+    """
+    barrier = threading.Barrier(clients)
+    sent: list[tuple[float, Outcome] | None] = [None] * clients
+
+    def client(index: int) -> None:
+        barrier.wait()  # all requests leave together
+        started = time.perf_counter()
+        sent[index] = (started, complete(server.url, body, server.streams, limit=timeout))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    answered = [(t, o) for t, o in (x for x in sent if x) if o.status == DONE]
+    tokens = sum(o.completion_tokens or max_tokens for _, o in answered)
+    summary: dict[str, Any] = {"ok": len(answered), "errors": clients - len(answered), "tokens": tokens,
+                               "error_samples": [o.error for _, o in (x for x in sent if x) if o.status != DONE][:3]}
+    if not answered:
+        return {**summary, "wall_ms": None, "tok_s": None, "decode_tok_s": None, "ttft_ms": None}
+    begin = min(t for t, _ in answered)
+    end = max(t + o.latency for t, o in answered)
+    first = min(t + o.ttft for t, o in answered)
+    last = max(t + (o.last or o.latency) for t, o in answered)
+    decode_rate = decode_speed(tokens, first * 1000, last * 1000) if server.streams else None
+    return {**summary, "wall_ms": _ms(end - begin), "tok_s": tokens / (end - begin), "decode_tok_s": decode_rate,
+            "ttft_ms": _ms(median([o.ttft for _, o in answered]))}
+
+
+def _rounds_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the measured rounds."""
+    return {"runs_ok": sum(r["errors"] == 0 for r in rounds), "runs_failed": sum(r["errors"] > 0 for r in rounds),
+            "tok_s": median([r["tok_s"] for r in rounds if r["tok_s"] is not None]),
+            "decode_tok_s": median([r["decode_tok_s"] for r in rounds if r["decode_tok_s"] is not None]),
+            "ttft_ms": median([r["ttft_ms"] for r in rounds if r["ttft_ms"] is not None])}
 
 
 class PromptFeed:
