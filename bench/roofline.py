@@ -36,22 +36,15 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of parameters one decode step reads: whole matrices, but one row of an embedding table.
 
     A tied lm_head is a Linear sharing the embedding's matrix, so it counts in full
-    there; a dynamically quantized int8 Linear counts 1 byte per weight plus its
-    per-channel scales and zero points (4 bytes each).
+    there; an int8 Linear counts 1 byte per weight plus its per-channel scales and
+    zero points (4 bytes each).
     """
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from app.engine.int8 import Int8Linear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, DynamicInt8Linear):
-            weight = module.weight()
-            total += weight.numel() * weight.element_size()
-            if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                total += weight.q_per_channel_scales().numel() * 8
-            else:
-                total += 8
-            bias = module.bias()
-            total += 0 if bias is None else bias.numel() * bias.element_size()
+        if isinstance(module, Int8Linear):
+            total += module.weight_bytes()
         elif isinstance(module, torch.nn.Embedding):
             total += module.embedding_dim * module.weight.element_size()
         else:

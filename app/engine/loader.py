@@ -19,6 +19,8 @@ import torch
 
 from config import ModelConfig, Settings
 
+from .int8 import quantize_int8
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +91,7 @@ def int8_supported() -> bool:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> str:
-    """The weight format to load: ``auto`` is bfloat16 on GPUs; on CPUs int8 where torch can, else
+    """The weight format to load: ``auto`` is bfloat16 on GPUs; on CPUs int8 (see int8.py) where torch can, else
     bfloat16 where the CPU has it natively, else float32.
 
     Decoding on a CPU is bound by reading the weights once per token, so fewer bytes
@@ -106,17 +108,6 @@ def resolve_dtype(setting: str, device: torch.device) -> str:
     if int8_supported():
         return "int8"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every Linear layer by a dynamically quantized int8 one (per-channel weight scales)."""
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 @contextmanager
