@@ -138,3 +138,53 @@ def test_penalties_and_sampling_do_not_speculate(spec_engine):
     sampled = spec_engine.prepare(REPEATING, SamplingParams(max_tokens=10, temperature=0.7, seed=1))
     assert penalised.drafters is None and sampled.drafters is None
     assert spec_engine.prepare(REPEATING, greedy(10)).drafters is not None
+
+
+def test_a_lone_sequence_keeps_no_rejected_columns(spec_engine, monkeypatch):
+    """Columns of drafts that no row accepted are cut off: a lone sequence's cache is plain decoding's."""
+    batch = spec_engine.runner.batch
+    lengths = []
+    real_accept = batch.accept
+
+    def accept(columns, width):
+        real_accept(columns, width)
+        lengths.append((batch.mask.shape[1], int(batch.mask.sum()), batch.cache.layers[0].keys.shape[2]))
+
+    monkeypatch.setattr(batch, "accept", accept)
+    spec_engine.forget()
+    spec_engine.complete(spec_engine.prepare(REPEATING, no_eos(spec_engine, 30)))
+    assert lengths
+    assert all(columns == visible == keys for columns, visible, keys in lengths)
+
+
+def real_code_prompts(count: int) -> list[str]:
+    """Prompts cut from standard-library files just after a function's first line, with 60 lines above."""
+    import difflib
+    import inspect
+    import textwrap
+
+    prompts = []
+    for module in (textwrap, difflib):
+        lines = inspect.getsource(module).splitlines(keepends=True)
+        starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("def ") and i > 60]
+        prompts += ["".join(lines[i - 60:i + 1]) for i in starts[::max(1, len(starts) // count)][:count // 2]]
+    return prompts
+
+
+@pytest.mark.slow
+def test_real_default_model_speculative_greedy_equals_plain_greedy():
+    """The default model (float32: its int8 rounding amplifies any change of computation order) answers
+    real code prompts token for token alike with speculation on and off."""
+    import dataclasses
+
+    from config import load_settings
+
+    settings = load_settings({}).replace(answer_cache=0)
+    config = dataclasses.replace(settings.models[0], dtype="float32")
+    plain = load_engine(config, settings.replace(speculative_tokens=0))
+    spec = load_engine(config, settings.replace(speculative_tokens=8))
+    for prompt in real_code_prompts(6):
+        want = plain.complete(plain.prepare(prompt, no_eos(plain, 48)))
+        got = spec.complete(spec.prepare(prompt, no_eos(spec, 48)))
+        assert outcome(got) == outcome(want)
+    assert spec.scheduler.drafts.accepted > 0

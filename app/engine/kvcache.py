@@ -234,9 +234,14 @@ class BatchLayer(DynamicLayer):
         self.rows = len(rows)
         self._refresh()
 
+    def drop_last(self, columns: int) -> None:
+        """Forget the last ``columns`` columns of every row (drafts no row accepted)."""
+        self.end -= columns
+        self._refresh()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append one position to every row; return all keys and values."""
+        """Append positions to every row; return all keys and values."""
         if self.end + key_states.shape[2] > self._key_buffer.shape[2]:
             self._regrow(self._key_buffer.shape[0], self.end - self.start + key_states.shape[2])
         end = self.end + key_states.shape[2]

@@ -160,15 +160,22 @@ class CausalBatch:
         return out.logits
 
     def accept(self, columns: Sequence[int], width: int) -> None:
-        """Keep the first ``columns[row]`` of each row's last ``width`` fed columns; the rest are masked from now on.
+        """Keep the first ``columns[row]`` of each row's last ``width`` fed columns; forget or hide the rest.
 
-        A hidden column stays in the buffers (every row writes the same column) but no later
-        token attends to it, and positions count only visible columns: the row's context is
-        exactly its accepted tokens, as if the rejected drafts had never been fed.
+        Columns no row keeps are cut off, so a lone sequence's cache is exactly what plain
+        decoding builds. Others are hidden: they stay in the buffers (every row writes the same
+        column) but no later token attends to them, and positions count only visible columns, so
+        the row's context is its accepted tokens, as if the rejected drafts had never been fed.
         """
+        unused = width - max(columns)
+        if unused:
+            for layer in self.cache.layers:
+                layer.drop_last(unused)
+            self.mask = self.mask[:, :self.mask.shape[1] - unused]
+        end = self.mask.shape[1]
         for row, kept in enumerate(columns):
-            if kept < width:
-                self.mask[row, self.mask.shape[1] - width + kept:] = 0
+            if kept < width - unused:
+                self.mask[row, end - (width - unused) + kept:] = 0
 
     def reset(self) -> None:
         """Drop every row."""
