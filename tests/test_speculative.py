@@ -51,6 +51,18 @@ def test_draft_length_adapts_to_acceptance():
     assert drafter.length == 1
 
 
+def test_a_sequence_whose_drafts_keep_failing_pauses_then_drafts_again():
+    drafter = lookup([1, 2, 3, 1, 2], max_tokens=4)
+    assert drafter.draft()
+    for _ in range(5):
+        drafter.record(1, 0)
+    assert drafter.paused and drafter.draft() == []
+    for _ in range(drafter.paused):
+        drafter.push(1)
+        drafter.push(2)
+    assert not drafter.paused and drafter.draft()
+
+
 def test_verify_accepts_the_agreeing_prefix_then_the_models_own_token():
     assert verify([5, 6, 7], [5, 6, 9, 4]).tokens == [5, 6, 9]
     assert verify([5, 6, 7], [5, 6, 7, 4]).tokens == [5, 6, 7, 4]  # all taken, and the token after them

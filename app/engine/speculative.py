@@ -22,6 +22,10 @@ from typing import Sequence
 # a single token still finds a copy of a line when nothing longer does.
 MAX_NGRAM = 3
 MIN_NGRAM = 1
+# A draft token costs a little even when rejected (a wider forward; see README "Speculative decoding"):
+# a sequence whose recent drafts are mostly rejected stops drafting for a while, then tries again.
+MIN_ACCEPTANCE = 0.2
+PAUSE_TOKENS = 16
 
 
 def ngram_index(ids: Sequence[int], max_ngram: int = MAX_NGRAM) -> dict[tuple[int, ...], int]:
@@ -56,6 +60,8 @@ class PromptLookup:
         self.own: dict[tuple[int, ...], int] = {}
         self.max_tokens = max_tokens
         self.length = max(1, max_tokens // 2)  # the next draft's length, adapted to acceptance
+        self.acceptance = 1.0  # moving average of the share of draft tokens accepted
+        self.paused = 0  # tokens to generate before drafting again
         self.match: int | None = None  # where the longest n-gram ending the context ended before
         if self.tokens:
             last = self.tokens.pop()
@@ -64,6 +70,7 @@ class PromptLookup:
     def push(self, token_id: int) -> None:
         """Append a token to the context and find where its longest ending n-gram occurred before."""
         self.tokens.append(token_id)
+        self.paused = max(0, self.paused - 1)
         end = len(self.tokens) - 1
         self.match = None
         for n in range(min(MAX_NGRAM, end + 1), MIN_NGRAM - 1, -1):
@@ -74,8 +81,8 @@ class PromptLookup:
             self.own[gram] = end
 
     def draft(self) -> list[int]:
-        """The tokens that followed the last match, up to the current draft length (empty: no match)."""
-        if self.match is None:
+        """The tokens that followed the last match, up to the current draft length (empty: none, or paused)."""
+        if self.match is None or self.paused:
             return []
         start = self.match + 1
         return self.tokens[start:start + self.length]
@@ -84,6 +91,9 @@ class PromptLookup:
         """Adapt the draft length: longer while whole drafts are taken, shorter when they are not."""
         if not drafted:
             return
+        self.acceptance = 0.7 * self.acceptance + 0.3 * accepted / drafted
+        if self.acceptance < MIN_ACCEPTANCE:
+            self.paused, self.acceptance = PAUSE_TOKENS, MIN_ACCEPTANCE * 2  # a fresh start after the pause
         if accepted == drafted:
             self.length = min(self.length + 2, self.max_tokens)
         else:
