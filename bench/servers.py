@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("ours", "ours_nospec", "naive", "llamacpp", "llamaserver")
 LABELS = {"ours": "ours", "ours_nospec": "FauxPilot Lite (no speculation)", "naive": "naive", "llamacpp": "llama.cpp",
           "llamaserver": "llama-server"}
-OURS = ("ours", "ours_nospec")  # this project's server, with and without speculative decoding
 LLAMACPP_INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" .venv/bin/pip install 'llama-cpp-python[server]'"
 
 

@@ -156,20 +156,26 @@ def decode(server: Server, prompt: str, corpus: Corpus, levels: list[int], runs:
            banned: list[int], timeout: float) -> dict[str, Any]:
     """One fixed prompt, ``max_tokens`` tokens each (EOS banned), at each number of concurrent streams.
 
-    One stream is the cold workload on the same prompt repeated: the first run (a warm-up)
-    caches it, so the others measure decode. N streams send N copies at once per round, one
-    warm-up round then ``runs``. The server's speculation counters are read around each level.
+    One stream is the cold workload on that prompt again and again: the first run (a warm-up)
+    caches it, so the others measure decode. N streams send N requests at once per round, one
+    warm-up round then ``runs``. Every request ends with a comment line of its own, so none is
+    identical to an earlier one: our server answers a repeated greedy request from its answer
+    cache without running the model, and the shared prompt before that line stays cached. The
+    server's speculation counters are read around each level.
     """
     result: dict[str, Any] = {"prompt_tokens": corpus.count(prompt), "max_tokens": max_tokens, "runs": runs}
     for clients in levels:
         before = read_spec_counters(server.url)
         if clients == 1:
-            level = cold(server, [prompt] * (runs + 1), corpus, max_tokens, banned, timeout)
+            prompts = [tagged(prompt, f"{clients}.{number}") for number in range(runs + 1)]
+            level = cold(server, prompts, corpus, max_tokens, banned, timeout)
             level["tok_s"] = level["total_tok_s"]  # one stream's tokens over its whole time, as the rounds count
         else:
-            body = request_body(server, prompt, max_tokens, stream=server.streams, banned=banned)
-            rounds = [{**_round(server, body, clients, max_tokens, timeout), "warm_up": number == 0}
-                      for number in range(runs + 1)]
+            rounds = []
+            for number in range(runs + 1):
+                bodies = [request_body(server, tagged(prompt, f"{clients}.{number}.{stream}"), max_tokens,
+                                       stream=server.streams, banned=banned) for stream in range(clients)]
+                rounds.append({**_round(server, bodies, max_tokens, timeout), "warm_up": number == 0})
             level = {"rounds": rounds, **_rounds_summary([r for r in rounds if not r["warm_up"]])}
         level["clients"] = clients
         level["spec"] = spec_delta(before, read_spec_counters(server.url))
@@ -177,20 +183,28 @@ def decode(server: Server, prompt: str, corpus: Corpus, levels: list[int], runs:
     return result
 
 
-def _round(server: Server, body: dict[str, Any], clients: int, max_tokens: int, timeout: float) -> dict[str, Any]:
-    """``clients`` copies of one request sent together; the round's total tok/s, decode-only and over the wall.
+def tagged(prompt: str, tag: str) -> str:
+    """``prompt`` with a last line of its own (``# request <tag>``), so that no two requests are the same."""
+    if prompt and not prompt.endswith("\n"):
+        prompt += "\n"
+    return f"{prompt}# request {tag}\n"
+
+
+def _round(server: Server, bodies: list[dict[str, Any]], max_tokens: int, timeout: float) -> dict[str, Any]:
+    """The requests sent together, one per stream; the round's total tok/s, decode-only and over the wall.
 
     Decode tok/s is (all tokens - 1) / (the last token of any stream - the first token of any
     stream), the batch-1 formula over the streams together; tok/s counts from the first send to
     the last answer. Not streamed, only the second can be told.
     """
+    clients = len(bodies)
     barrier = threading.Barrier(clients)
     sent: list[tuple[float, Outcome] | None] = [None] * clients
 
     def client(index: int) -> None:
         barrier.wait()  # all requests leave together
         started = time.perf_counter()
-        sent[index] = (started, complete(server.url, body, server.streams, limit=timeout))
+        sent[index] = (started, complete(server.url, bodies[index], server.streams, limit=timeout))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:

@@ -10,7 +10,7 @@ from bench.editors import TypingScript
 from bench.servers import LABELS, LAUNCHERS, ModelFiles
 from bench.sessions import Edit, SessionOptions, summarize
 from bench.stats import decode_speed
-from bench.workloads import _cold_summary, _rounds_summary
+from bench.workloads import _cold_summary, _rounds_summary, tagged
 
 EXPOSITION = """# HELP fauxpilot_spec_drafted_tokens_total Draft tokens proposed.
 # TYPE fauxpilot_spec_drafted_tokens_total counter
@@ -55,6 +55,13 @@ def test_cold_summary_ends_decode_at_the_last_token_not_at_done():
     assert _cold_summary([run], streams=True)["decode_tok_s"] == pytest.approx(100.0)
     older = {**run, "last_ms": None}  # a result without last-token times falls back to the total
     assert _cold_summary([older], streams=True)["decode_tok_s"] == pytest.approx(127 / 1.35)
+
+
+def test_every_decode_request_gets_a_last_line_of_its_own():
+    # Our server replays an identical greedy request from its answer cache: no two may be the same.
+    assert tagged("def f():\n    pass\n", "1.0") == "def f():\n    pass\n# request 1.0\n"
+    assert tagged("x = 1", "8.1.3") == "x = 1\n# request 8.1.3\n"
+    assert len({tagged("x\n", f"8.0.{stream}") for stream in range(8)}) == 8
 
 
 def test_rounds_summary_takes_medians_and_counts_failed_rounds():
