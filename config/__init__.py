@@ -20,6 +20,7 @@ from typing import Any, Mapping
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("fauxpilot.toml")
 KINDS = ("causal", "seq2seq")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+DECODE_STEPS = ("auto", "fast", "compiled", "hf")
 FIM_ORDERS = ("psm", "spm")
 # Each repo template, the placeholders it must hold and those it may.
 REPO_PLACEHOLDERS = (("name", ("{repo}",), ()), ("file", ("{path}", "{code}"), ()), ("current", (), ("{path}",)))
@@ -112,6 +113,10 @@ class EngineOptions:
     # Greedy sequences draft up to this many tokens per step from their own context (prompt-lookup
     # speculative decoding, app/engine/speculative.py); output unchanged, 0: off.
     speculative_tokens: int = 8
+    # The decode step: auto (the lean step of app/engine/fastpath.py where the architecture has one,
+    # compiled on GPUs), fast (eager lean step), compiled (lean step through torch.compile), hf (the model's
+    # own forward: the reference).
+    decode_step: str = "auto"
     token_healing: bool = True
     truncate_prompts: bool = True  # cut prompts too long for the window at their start (False: 400)
     time_budget_ms: int = 0  # decoding time after which a completion ends at its next newline (0: none)
@@ -246,6 +251,8 @@ def _validated(settings: Settings) -> Settings:
     for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if settings.decode_step not in DECODE_STEPS:
+        raise ConfigError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, not {settings.decode_step!r}")
     for key in ("max_waiting", "prefix_cache_mb", "request_timeout", "trusted_proxies", "time_budget_ms", "answer_cache",
                 "anchor_lines", "anchor_restore_tokens", "speculative_tokens"):
         if getattr(settings, key) < 0:

@@ -18,6 +18,7 @@ from config import EngineOptions, ModelConfig
 
 from .answers import AnswerCache, replay
 from .errors import EngineBusy
+from .fastpath import fast_decoder
 from .kvcache import PrefixCache
 from .params import Delta, PromptContext, SamplingParams, SequenceResult, TokenLogprob
 from .prepare import Preparer
@@ -93,7 +94,8 @@ class Engine:
             self.runner = Seq2SeqRunner(self.model, device, decoder_prompt=config.decoder_prompt)
         else:
             cache = PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache else None
-            self.runner = CausalRunner(self.model, device, cache)
+            self.runner = CausalRunner(self.model, device, cache,
+                                       fast=fast_decoder(self.model, options.decode_step, device))
         self.preparer = Preparer(config, self.model, tokenizer, device, options,
                                  cache.prompts if cache is not None else None)
         self.scheduler = Scheduler(self.runner, options.max_batch, threads, config.name)

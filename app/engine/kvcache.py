@@ -234,6 +234,14 @@ class BatchLayer(DynamicLayer):
         self.rows = len(rows)
         self._refresh()
 
+    def extend(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's keys and values with ``columns`` more at the end, for the caller to fill in place."""
+        if self.end + columns > self._key_buffer.shape[2]:
+            self._regrow(self._key_buffer.shape[0], self.end - self.start + columns)
+        self.end += columns
+        self._refresh()
+        return self.keys, self.values
+
     def drop_last(self, columns: int) -> None:
         """Forget the last ``columns`` columns of every row (drafts no row accepted)."""
         self.end -= columns

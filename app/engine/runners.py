@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .fastpath import FastDecoder
 from .kvcache import BatchLayer, PrefixCache, block_bounds, layer_tensors
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ class CausalBatch:
     are cut off when sequences leave.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, fast: FastDecoder | None = None):
         self.model = model
         self.device = device
+        self.fast = fast  # the lean decode step (fastpath.py); None: the model's own forward
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, length]: 1 where a row has a real token
 
@@ -149,15 +151,20 @@ class CausalBatch:
         width = token_ids.shape[1]
         mask = torch.cat([self.mask, self.mask.new_ones(self.rows, width)], dim=1)
         padded = not bool(self.mask.all())
-        # Without padding or hidden columns, positions and the causal mask are the model's defaults.
-        positions = None
-        if padded:
-            positions = self.mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device)
-        out = self.model(input_ids=token_ids, cache=self.cache, use_cache=True,
-                         logits_to_keep=1 if width == 1 else 0,
-                         attention_mask=mask if padded else None, position_ids=positions)
+        positions = self.mask.sum(-1, keepdim=True) + torch.arange(width, device=self.device) if padded else None
+        if self.fast is not None:
+            if positions is None:
+                positions = torch.arange(self.mask.shape[1], self.mask.shape[1] + width, device=self.device)
+                positions = positions.expand(self.rows, -1)
+            layers = [layer.extend(width) for layer in self.cache.layers]
+            logits = self.fast.step(token_ids, positions, layers, mask.bool() if padded else None)
+        else:
+            # Without padding or hidden columns, positions and the causal mask are the model's defaults.
+            logits = self.model(input_ids=token_ids, cache=self.cache, use_cache=True,
+                                logits_to_keep=1 if width == 1 else 0,
+                                attention_mask=mask if padded else None, position_ids=positions).logits
         self.mask = mask
-        return out.logits
+        return logits
 
     def accept(self, columns: Sequence[int], width: int) -> None:
         """Keep the first ``columns[row]`` of each row's last ``width`` fed columns; forget or hide the rest.
@@ -186,12 +193,12 @@ class CausalRunner:
     """A decoder-only model: starts prompt prefills (from the prefix cache) and holds the decode batch."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, prefix_cache: PrefixCache | None = None,
-                 big_block: int = 256, small_block: int = 32):
+                 big_block: int = 256, small_block: int = 32, fast: FastDecoder | None = None):
         self.model = model
         self.device = device
         self.prefix_cache = prefix_cache
         self.big_block, self.small_block = big_block, small_block
-        self.batch = CausalBatch(model, device)
+        self.batch = CausalBatch(model, device, fast)
 
     def start(self, prompt_ids: Sequence[int]) -> CausalPrefill:
         """Begin feeding a prompt."""
