@@ -146,6 +146,12 @@ class Request:
             return [[] for _ in self.live]
         return [self.drafters[seq.index].draft() for seq in self.live]
 
+    def acceptance(self) -> list[float]:
+        """Each live sequence's recent share of draft tokens accepted (0 where it does not speculate)."""
+        if self.drafters is None:
+            return [0.0] * len(self.live)
+        return [self.drafters[seq.index].acceptance for seq in self.live]
+
     def advance_drafts(self, picks: Picks, drafts: list[list[int]], width: int) -> tuple[list[int], list[int]]:
         """Push each live row's accepted draft tokens and the model's own next token.
 

@@ -22,7 +22,7 @@ import torch
 
 from .kvcache import common_prefix_length
 from .request import Request
-from .speculative import DraftStats
+from .speculative import DraftStats, StepCosts
 from .threads import ThreadPlan
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Scheduler:
         self.rows = RowTable()
         self.reused_tokens = 0  # prompt tokens taken from the prefix cache, over all requests
         self.drafts = DraftStats()  # speculation over all requests
+        self.step_costs = StepCosts()  # decode step times by tokens fed, to decide how far drafts go
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()  # Request, or (callable, future)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -331,17 +332,23 @@ class Scheduler:
             request.finish()
 
     def _decode_step(self) -> None:
-        """One forward for every row (with its draft, when rows have drafts); each request picks its own rows' tokens."""
+        """One forward for every row (with its draft, when drafts pay); each request picks its own rows' tokens."""
         try:
             self.threads.decode_step()
             drafts = [request.drafts() for request in self.rows.requests]
-            width = 1 + max((len(draft) for own in drafts for draft in own), default=0)
+            width = 1
+            if any(draft for own in drafts for draft in own):
+                flat = [draft for own in drafts for draft in own]
+                rates = [rate for request in self.rows.requests for rate in request.acceptance()]
+                width = self.step_costs.best_width(flat, rates)
+            started = time.perf_counter()
             if width == 1:
                 tokens = torch.tensor(self.rows.next_tokens(), device=self.runner.device)
                 logits = self.runner.batch.decode(tokens)
                 kept = [request.advance(request.chooser(logits[rows])) for request, rows in self.rows.slices()]
             else:
-                kept = self._verify_step(drafts, width)
+                kept = self._verify_step([[draft[:width - 1] for draft in own] for own in drafts], width)
+            self.step_costs.observe(len(self.rows) * width, time.perf_counter() - started)
         except Exception as exc:
             self.runner.batch.reset()
             self._fail(self.rows.clear(), exc)

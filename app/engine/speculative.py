@@ -125,3 +125,43 @@ def verify(draft: Sequence[int], picked: Sequence[int]) -> Verdict:
         if i >= len(draft) or draft[i] != token:
             break
     return verdict
+
+
+class StepCosts:
+    """How long a decode step takes for each number of tokens it feeds, learned from the steps run.
+
+    A step's time is far from flat in the tokens it feeds on a CPU (measured, SmolLM2-135M int8,
+    1 thread: 1 row 32 ms, 8 rows 72 ms, 8 rows of 2 tokens 208 ms), so whether a draft pays
+    depends on the batch: the scheduler feeds the width that gives the most expected tokens per
+    second. Unmeasured sizes are estimated from the nearest smaller one, optimistically, so each
+    is tried and then known; a moving average follows changes in context length and load.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    def observe(self, fed: int, seconds: float) -> None:
+        """Record one step that fed ``fed`` tokens in all."""
+        old = self.seconds.get(fed)
+        self.seconds[fed] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def estimate(self, fed: int) -> float | None:
+        """Expected seconds for a step feeding ``fed`` tokens (None: nothing measured yet)."""
+        if fed in self.seconds:
+            return self.seconds[fed]
+        below = [n for n in self.seconds if n < fed]
+        return self.seconds[max(below)] if below else None
+
+    def best_width(self, drafts: Sequence[Sequence[int]], acceptance: Sequence[float]) -> int:
+        """The width (1 + draft tokens per row) with the most expected tokens per second."""
+        longest = max((len(d) for d in drafts), default=0)
+        rows = len(drafts)
+        best, best_rate = 1, 0.0
+        for width in range(1, longest + 2):
+            cost = self.estimate(rows * width)
+            if cost is None:
+                return width if width > 1 else longest + 1  # nothing known: try the full drafts
+            expected = rows + sum(rate * min(width - 1, len(d)) for d, rate in zip(drafts, acceptance))
+            if expected / cost > best_rate:
+                best, best_rate = width, expected / cost
+        return best
