@@ -95,7 +95,7 @@ def _greedy(max_tokens: int = 8) -> SamplingParams:
 def _engine_with(engine, **changes) -> Engine:
     """The tiny model under other engine options."""
     return Engine(engine.config, engine.model, engine.tokenizer, engine.device,
-                  dataclasses.replace(engine.options, **changes))
+                  dataclasses.replace(engine.options, **{"speculative_tokens": 0, **changes}))
 
 
 @pytest.fixture()

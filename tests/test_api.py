@@ -1087,6 +1087,8 @@ def test_metrics_count_requests_tokens_and_batch(client):
     assert 'fauxpilot_request_duration_seconds_count{model="tiny"} 1.0' in text
     assert 'fauxpilot_running_sequences{model="tiny"} 0.0' in text
     assert 'fauxpilot_prefix_cache_misses{model="tiny"}' in text
+    for counter in ("drafted_tokens", "accepted_tokens", "steps"):
+        assert f'fauxpilot_spec_{counter}_total{{model="tiny"}}' in text
 
 
 # -- the OpenAPI document and the response schemas ------------------------------------------

@@ -122,6 +122,8 @@ def test_env_model_gguf_path_is_split(config_file):
         ({**models_table(), "server": {"workers": 0}}, "workers"),
         ({**models_table(), "server": {"anchor_lines": -1}}, "anchor_lines"),
         ({**models_table(), "server": {"anchor_restore_tokens": -1}}, "anchor_restore_tokens"),
+        ({**models_table(), "server": {"speculative_tokens": -1}}, "speculative_tokens"),
+        ({**models_table(), "server": {"decode_step": "jit"}}, "decode_step"),
     ],
 )
 def test_settings_from_mapping_rejects(raw, message):

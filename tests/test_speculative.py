@@ -66,19 +66,20 @@ def test_a_sequence_whose_drafts_keep_failing_pauses_then_drafts_again():
 def test_drafts_are_fed_as_far_as_they_pay_for_the_batch():
     costs = StepCosts()
     drafts, rates = [[7, 8, 9, 10]], [0.9]
-    assert costs.best_width(drafts, rates) == 5  # nothing measured: the whole draft is tried
-    for fed, seconds in ((1, 0.030), (2, 0.031), (3, 0.031), (4, 0.032), (5, 0.032)):
-        costs.observe(fed, seconds)
+    assert costs.best_width(drafts, rates) == 1  # nothing measured: a plain step first
+    costs.observe(1, 1, 0.030)
+    assert costs.best_width(drafts, rates) == 5  # wider steps not measured yet: tried
+    for width, seconds in ((2, 0.031), (3, 0.031), (4, 0.032), (5, 0.032)):
+        costs.observe(1, width, seconds)
     assert costs.best_width(drafts, rates) == 5  # one row: a wider step costs little
     assert costs.best_width(drafts, [0.01]) == 1  # drafts that are almost never accepted are not fed
     eight = [[7, 8, 9, 10]] * 2 + [[]] * 6
-    costs.observe(8, 0.070)
-    costs.observe(16, 0.210)
-    costs.observe(40, 0.400)
+    for width, seconds in ((1, 0.070), (2, 0.210), (3, 0.300), (4, 0.350), (5, 0.400)):
+        costs.observe(8, width, seconds)
     assert costs.best_width(eight, [0.9] * 2 + [0.0] * 6) == 1  # eight rows: three times the time for 1.8 tokens
     cheap = StepCosts()  # a machine where a second token per row costs little
-    for fed, seconds in ((8, 0.070), (16, 0.075), (24, 0.3), (32, 0.35), (40, 0.4)):
-        cheap.observe(fed, seconds)
+    for width, seconds in ((1, 0.070), (2, 0.075), (3, 0.3), (4, 0.35), (5, 0.4)):
+        cheap.observe(8, width, seconds)
     assert cheap.best_width(eight, [0.9] * 2 + [0.0] * 6) == 2
 
 
@@ -99,10 +100,10 @@ def plain_engine(tiny_settings):
 class FlatCosts(StepCosts):
     """Step costs that never change with the tokens fed: every draft is fed whole, whatever the timings."""
 
-    def observe(self, fed: int, seconds: float) -> None:
-        self.seconds[fed] = 1.0
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        self.seconds[rows, width] = 1.0
 
-    def estimate(self, fed: int) -> float:
+    def estimate(self, rows: int, width: int) -> float:
         return 1.0
 
 
@@ -181,6 +182,22 @@ def test_penalties_and_sampling_do_not_speculate(spec_engine):
     sampled = spec_engine.prepare(REPEATING, SamplingParams(max_tokens=10, temperature=0.7, seed=1))
     assert penalised.drafters is None and sampled.drafters is None
     assert spec_engine.prepare(REPEATING, greedy(10)).drafters is not None
+
+
+def test_the_lean_decode_step_answers_as_the_models_own_forward(tiny_settings, spec_engine):
+    """decode_step = "hf" (transformers' forward, the reference) and the default lean step agree, drafts and all."""
+    reference = load_engine(tiny_settings.models[0], tiny_settings.replace(speculative_tokens=6, decode_step="hf"))
+    reference.scheduler.step_costs = FlatCosts()
+    assert reference.runner.batch.fast is None and spec_engine.runner.batch.fast is not None
+    def requests(engine):
+        """Greedy, drafting, with logprobs, several at once."""
+        return [engine.prepare(p, no_eos(engine, 30, logprobs=1)) for p in (COPIED, REPEATING, PROMPTS[1])]
+
+    reference.forget()
+    want = run_together(reference, requests(reference))
+    spec_engine.forget()
+    got = run_together(spec_engine, requests(spec_engine))
+    assert [outcome(r) for r in got] == [outcome(r) for r in want]
 
 
 def test_a_lone_sequence_keeps_no_rejected_columns(spec_engine, monkeypatch):

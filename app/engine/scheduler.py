@@ -348,7 +348,7 @@ class Scheduler:
                 kept = [request.advance(request.chooser(logits[rows])) for request, rows in self.rows.slices()]
             else:
                 kept = self._verify_step([[draft[:width - 1] for draft in own] for own in drafts], width)
-            self.step_costs.observe(len(self.rows) * width, time.perf_counter() - started)
+            self.step_costs.observe(len(self.rows), width, time.perf_counter() - started)
         except Exception as exc:
             self.runner.batch.reset()
             self._fail(self.rows.clear(), exc)

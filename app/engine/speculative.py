@@ -128,29 +128,30 @@ def verify(draft: Sequence[int], picked: Sequence[int]) -> Verdict:
 
 
 class StepCosts:
-    """How long a decode step takes for each number of tokens it feeds, learned from the steps run.
+    """How long a decode step takes for each batch size and width (tokens per row), learned from the steps run.
 
     A step's time is far from flat in the tokens it feeds on a CPU (measured, SmolLM2-135M int8,
     1 thread: 1 row 32 ms, 8 rows 72 ms, 8 rows of 2 tokens 208 ms), so whether a draft pays
     depends on the batch: the scheduler feeds the width that gives the most expected tokens per
-    second. Unmeasured sizes are estimated from the nearest smaller one, optimistically, so each
-    is tried and then known; a moving average follows changes in context length and load.
+    second. An unmeasured width is estimated at the cost of the nearest narrower one measured for
+    that many rows, optimistically, so it is tried once and then known; a moving average follows
+    changes in context length and load.
     """
 
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
+        self.seconds: dict[tuple[int, int], float] = {}
 
-    def observe(self, fed: int, seconds: float) -> None:
-        """Record one step that fed ``fed`` tokens in all."""
-        old = self.seconds.get(fed)
-        self.seconds[fed] = seconds if old is None else 0.8 * old + 0.2 * seconds
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        """Record one step of ``rows`` rows feeding ``width`` tokens each."""
+        old = self.seconds.get((rows, width))
+        self.seconds[rows, width] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def estimate(self, fed: int) -> float | None:
-        """Expected seconds for a step feeding ``fed`` tokens (None: nothing measured yet)."""
-        if fed in self.seconds:
-            return self.seconds[fed]
-        below = [n for n in self.seconds if n < fed]
-        return self.seconds[max(below)] if below else None
+    def estimate(self, rows: int, width: int) -> float | None:
+        """Expected seconds for such a step (None: no step of that many rows measured yet)."""
+        if (rows, width) in self.seconds:
+            return self.seconds[rows, width]
+        narrower = [w for r, w in self.seconds if r == rows and w < width]
+        return self.seconds[rows, max(narrower)] if narrower else None
 
     def best_width(self, drafts: Sequence[Sequence[int]], acceptance: Sequence[float]) -> int:
         """The width (1 + draft tokens per row) with the most expected tokens per second."""
@@ -158,9 +159,9 @@ class StepCosts:
         rows = len(drafts)
         best, best_rate = 1, 0.0
         for width in range(1, longest + 2):
-            cost = self.estimate(rows * width)
+            cost = self.estimate(rows, width)
             if cost is None:
-                return width if width > 1 else longest + 1  # nothing known: try the full drafts
+                return 1  # a plain step first: it is what every width is weighed against
             expected = rows + sum(rate * min(width - 1, len(d)) for d, rate in zip(drafts, acceptance))
             if expected / cost > best_rate:
                 best, best_rate = width, expected / cost
