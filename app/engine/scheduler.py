@@ -46,6 +46,12 @@ PATIENCE = 4
 # not fed is never timed again, so one dear first measurement of the plain step (beside a prompt block,
 # say) would keep drafts fed that do not pay; 8 streams decoded 81 tok/s with drafts, 97 without.
 REFRESH_STEPS = 8
+# Drafts are fed only while this few sequences decode. On these CPUs a step's time grows steeply with the
+# tokens it feeds once there are several rows (SmolLM2-135M int8, 1000-token context: 1 row 32 ms, 1 row of
+# 2 tokens 33 ms; 4 rows 50 ms, 4 rows of 2 tokens 127 ms), and with 8 streams speculation measured 72-81
+# tok/s in all against 83-97 without, the learned costs notwithstanding (step times beside prompt blocks
+# are too noisy to learn from).
+MAX_DRAFT_ROWS = 2
 
 
 @dataclass(eq=False)
@@ -344,7 +350,8 @@ class Scheduler:
             width = 1
             self._steps += 1
             # Every REFRESH_STEPS-th step is a plain one, so the cost drafts are weighed against stays current.
-            if self._steps % REFRESH_STEPS and any(draft for own in drafts for draft in own):
+            if (len(self.rows) <= MAX_DRAFT_ROWS and self._steps % REFRESH_STEPS
+                    and any(draft for own in drafts for draft in own)):
                 flat = [draft for own in drafts for draft in own]
                 rates = [rate for request in self.rows.requests for rate in request.acceptance()]
                 width = self.step_costs.best_width(flat, rates)
