@@ -173,7 +173,7 @@ def test_streamed_deltas_may_carry_several_tokens_and_add_up_to_the_answer(spec_
     assert "".join(d.text for d in deltas) == request.results()[0].text
     assert sum(len(d.logprobs) for d in deltas) == 40
     assert deltas[-1].finish_reason == "length"
-    assert request.accepted > 0
+    assert request.draft_stats.accepted > 0
     assert any(len(d.logprobs) > 1 for d in deltas)
 
 

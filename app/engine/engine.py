@@ -242,7 +242,8 @@ class Engine:
                 if t.first_token and end > t.first_token else float("nan"))
         running, waiting = self.scheduler.load
         cancelled = request.outcome not in ("done", "failed")
-        drafts = f", drafts {request.accepted}/{request.drafted} tokens accepted" if request.drafted else ""
+        spec = request.draft_stats
+        drafts = f", drafts {spec.accepted}/{spec.drafted} tokens accepted" if spec.drafted else ""
         log.info("[%s] %s: %d prompt tokens (%d reused), %d generated, queued %.0f ms, first token %.0f ms, "
                  "%.1f tok/s, total %.0f ms%s%s (batch: %d running, %d waiting)", request.id, self.name,
                  len(request.prompt_ids), request.reused, generated, queued, ttft, rate, (end - t.submitted) * 1000,

@@ -19,12 +19,13 @@ Linears saved under 5% on SmolLM2-135M float32 after 40-100 s of compilation.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .int8 import REDUCE_RANGE, Int8Linear, per_token_input
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,6 @@ class Unsupported(ValueError):
 
 # -- the Linear layers: what the step calls instead of module(x) --------------------------------------------------
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _is_per_token_int8(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is app.engine.int8's Int8Linear (duck-typed): packed int8 weights fed each row
-    scaled to [-1, 1] plus two guard columns."""
-    return isinstance(getattr(module, "_packed", None), torch.ScriptObject) and \
-        isinstance(getattr(module, "guard", None), torch.Tensor)
-
-
 def kind_of(module: torch.nn.Module) -> str:
     """How the step computes a Linear: ``float``, ``int8`` (dynamic, per-tensor activation scale),
     ``int8-per-token`` (Int8Linear) or ``module`` (its own forward)."""
@@ -81,7 +72,7 @@ def kind_of(module: torch.nn.Module) -> str:
         return "float"
     if isinstance(module, _DYNAMIC_LINEAR) and module._packed_params.dtype == torch.qint8:
         return "int8"
-    if _is_per_token_int8(module):
+    if isinstance(module, Int8Linear):
         return "int8-per-token"
     return "module"
 
@@ -91,7 +82,7 @@ def _packed_of(module: torch.nn.Module) -> tuple[torch.ScriptObject, bool]:
     if isinstance(module, _DYNAMIC_LINEAR):
         # DynamicQuantizedLinear.forward: modules saved before version 4 quantize without reduce_range.
         return module._packed_params._packed_params, module.version is not None and module.version >= 4
-    return module._packed, bool(getattr(sys.modules.get(type(module).__module__), "REDUCE_RANGE", True))
+    return module._packed, REDUCE_RANGE
 
 
 def _bias_of(module: torch.nn.Module) -> torch.Tensor | None:
@@ -115,12 +106,6 @@ def _stacked(modules: Sequence[torch.nn.Module]) -> torch.ScriptObject:
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0], dtype=torch.float32)
                           for b, w in zip(biases, weights)])
     return torch.ops.quantized.linear_prepack(stacked, bias)
-
-
-def _per_token_input(x: torch.Tensor, guard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8Linear's input: rows divided by their largest magnitude, plus its guard columns; and the scales."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY)
-    return torch.cat([x / scale, guard.expand(x.shape[0], 2)], dim=-1), scale
 
 
 def _finish(out: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -173,7 +158,7 @@ def _int8_projections(modules: Sequence[torch.nn.Module], per_token: bool, fuse:
     def run(x: torch.Tensor):
         scale = None
         if guard is not None:
-            x, scale = _per_token_input(x, guard)
+            x, scale = per_token_input(x, guard)
         outs = [_finish(_LINEAR_DYNAMIC(x, packed, reduce_range), scale, bias) for packed, bias in zip(packs, biases)]
         if fused:
             return outs[0].split(sizes, dim=-1) if split else outs[0]

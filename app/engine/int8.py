@@ -25,6 +25,12 @@ import torch
 REDUCE_RANGE = True
 
 
+def per_token_input(x: torch.Tensor, guard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's input: each row divided by its largest magnitude, then the guard columns; and those scales."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.cat([x / scale, guard.expand(*x.shape[:-1], 2)], dim=-1), scale
+
+
 class Int8Linear(torch.nn.Module):
     """A Linear with int8 weights (a scale per output channel) and int8 activations (a scale per token)."""
 
@@ -46,8 +52,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T + bias`` with both sides in int8."""
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-        guarded = torch.cat([x / scale, self.guard.expand(*x.shape[:-1], 2)], dim=-1)
+        guarded, scale = per_token_input(x, self.guard)
         out = torch.ops.quantized.linear_dynamic(guarded, self._packed, REDUCE_RANGE).mul_(scale)
         return out if self.bias is None else out.add_(self.bias)
 

@@ -250,11 +250,7 @@ class BatchLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append positions to every row; return all keys and values."""
-        if self.end + key_states.shape[2] > self._key_buffer.shape[2]:
-            self._regrow(self._key_buffer.shape[0], self.end - self.start + key_states.shape[2])
-        end = self.end + key_states.shape[2]
-        self._key_buffer[:self.rows, :, self.end:end] = key_states
-        self._value_buffer[:self.rows, :, self.end:end] = value_states
-        self.end = end
-        self._refresh()
-        return self.keys, self.values
+        keys, values = self.extend(key_states.shape[2])
+        keys[:, :, -key_states.shape[2]:] = key_states
+        values[:, :, -value_states.shape[2]:] = value_states
+        return keys, values

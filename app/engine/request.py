@@ -22,7 +22,7 @@ from .healing import Healing
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
 from .sampling import Picks, TokenChooser
 from .sequence import SequenceState
-from .speculative import PromptLookup, verify
+from .speculative import DraftStats, PromptLookup, verify
 
 log = logging.getLogger(__name__)
 DONE = object()  # put on a request's queue after its last deltas
@@ -77,7 +77,7 @@ class Request:
         self.truncated = truncated  # the prompt or its repository context was cut to fit the window
         # One per sequence (same order) when its sequences speculate (greedy; see speculative.py), else None.
         self.drafters = drafters
-        self.drafted = self.accepted = 0  # draft tokens fed, and those the model agreed with
+        self.draft_stats = DraftStats()  # its drafts fed, and the tokens the model agreed with
         self.echo_logprobs: tuple[TokenLogprob, ...] = ()
         self.live: list[SequenceState] = []  # the sequences in the batch, in row order
         self.next_tokens: list[int] = []  # the token each live sequence feeds next
@@ -152,12 +152,14 @@ class Request:
             return [0.0] * len(self.live)
         return [self.drafters[seq.index].acceptance for seq in self.live]
 
-    def advance_drafts(self, picks: Picks, drafts: list[list[int]], width: int) -> tuple[list[int], list[int]]:
+    def advance_drafts(self, picks: Picks, drafts: list[list[int]], width: int,
+                       totals: DraftStats) -> tuple[list[int], list[int]]:
         """Push each live row's accepted draft tokens and the model's own next token.
 
         ``picks`` holds the greedy pick after each of a row's ``width`` fed tokens (its last
-        token, then its draft, then padding), rows one after another. Returns the rows still
-        running and, for every row, how many fed columns hold tokens that stay in its context.
+        token, then its draft, then padding), rows one after another. Each verified draft is
+        counted in the request's stats and in ``totals``. Returns the rows still running and,
+        for every row, how many fed columns hold tokens that stay in its context.
         """
         token_ids = picks.token_ids.tolist()
         logprobs = picks.logprobs.tolist()
@@ -167,9 +169,9 @@ class Request:
             base = row * width
             verdict = verify(draft, token_ids[base:base + width])
             if draft:
-                self.drafted += len(draft)
-                self.accepted += len(verdict.tokens) - 1
-                self.drafters[seq.index].record(len(draft), len(verdict.tokens) - 1)
+                accepted = len(verdict.tokens) - 1
+                for stats in (self.draft_stats, totals, self.drafters[seq.index]):
+                    stats.record(len(draft), accepted)
             pushed = []
             for token, position in zip(verdict.tokens, verdict.positions):
                 pushed.append(self._push(seq, token, logprobs[base + position], tops[base + position]))

@@ -346,15 +346,15 @@ class Scheduler:
         """One forward for every row (with its draft, when drafts pay); each request picks its own rows' tokens."""
         try:
             self.threads.decode_step()
-            drafts = [request.drafts() for request in self.rows.requests]
-            width = 1
+            width, drafts = 1, []
             self._steps += 1
             # Every REFRESH_STEPS-th step is a plain one, so the cost drafts are weighed against stays current.
-            if (len(self.rows) <= MAX_DRAFT_ROWS and self._steps % REFRESH_STEPS
-                    and any(draft for own in drafts for draft in own)):
+            if len(self.rows) <= MAX_DRAFT_ROWS and self._steps % REFRESH_STEPS:
+                drafts = [request.drafts() for request in self.rows.requests]
                 flat = [draft for own in drafts for draft in own]
-                rates = [rate for request in self.rows.requests for rate in request.acceptance()]
-                width = self.step_costs.best_width(flat, rates)
+                if any(flat):
+                    rates = [rate for request in self.rows.requests for rate in request.acceptance()]
+                    width = self.step_costs.best_width(flat, rates)
             started = time.perf_counter()
             if width == 1:
                 tokens = torch.tensor(self.rows.next_tokens(), device=self.runner.device)
@@ -379,15 +379,13 @@ class Scheduler:
         kept, columns = [], []
         for (request, rows), own in zip(self.rows.slices(), drafts):
             if any(own):
-                still, used = request.advance_drafts(request.chooser(logits[rows].flatten(0, 1)), own, width)
+                still, used = request.advance_drafts(request.chooser(logits[rows].flatten(0, 1)), own, width,
+                                                     self.drafts)
             else:  # picks only where it feeds (a sampled request must not draw from its generator more often)
                 still, used = request.advance(request.chooser(logits[rows, 0])), [1] * len(own)
             kept.append(still)
             columns.extend(used)
         self.runner.batch.accept(columns, width)
-        self.drafts.drafted += sum(len(draft) for own in drafts for draft in own)
-        self.drafts.steps += sum(1 for own in drafts for draft in own if draft)
-        self.drafts.accepted += sum(c - 1 for c, draft in zip(columns, (d for own in drafts for d in own)) if draft)
         return kept
 
     def _retain(self, kept: list[list[int]]) -> None:

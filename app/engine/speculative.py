@@ -39,11 +39,17 @@ def ngram_index(ids: Sequence[int], max_ngram: int = MAX_NGRAM) -> dict[tuple[in
 
 @dataclass
 class DraftStats:
-    """Counts of one model's speculation, for /metrics and the debug log."""
+    """Counts of speculation (a request's, for its log line; a model's, for /metrics)."""
 
     drafted: int = 0  # draft tokens fed to the model
     accepted: int = 0  # of those, tokens the model agreed with
     steps: int = 0  # row-steps that carried a draft
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Count one row's verified draft."""
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
 
 
 class PromptLookup:
