@@ -79,14 +79,21 @@ def test_stream_with_stop_and_n_matches_results(engine):
 LONG_PROMPT = SAMPLE_CODE * 2  # 172 tokens with the tiny tokenizer: several prefill blocks
 
 
-def test_prefix_cache_gives_same_output_as_cold_run(engine):
-    """A warm run reusing whole cached blocks gives bit-identical logprobs and text to a cold run.
+@pytest.fixture(scope="module")
+def unspeculative(engine):
+    """The tiny engine without speculation, for bit-for-bit comparisons of runs.
 
-    Speculation is off here: with float32 weights the draft widths it picks (by timing) move
-    logprobs in their last bits (text unchanged; int8 is bit-identical, tests/test_speculative.py).
+    With float32 weights the draft widths speculation picks (by measured step times) move
+    logprobs in their last bits, text unchanged; with int8 runs stay bit-identical with it
+    on (test_int8_cached_requests_match_cold_and_stream, tests/test_speculative.py).
     """
-    engine = Engine(engine.config, engine.model, engine.tokenizer, engine.device,
-                    dataclasses.replace(engine.options, speculative_tokens=0))
+    return Engine(engine.config, engine.model, engine.tokenizer, engine.device,
+                  dataclasses.replace(engine.options, speculative_tokens=0))
+
+
+def test_prefix_cache_gives_same_output_as_cold_run(unspeculative):
+    """A warm run reusing whole cached blocks gives bit-identical logprobs and text to a cold run."""
+    engine = unspeculative
     assert len(engine.tokenizer(LONG_PROMPT)["input_ids"]) > 2 * engine.runner.small_block
     engine.forget()
     complete(engine, LONG_PROMPT[:-20], params=greedy(8))
@@ -101,8 +108,9 @@ def test_prefix_cache_gives_same_output_as_cold_run(engine):
     assert warm.cumulative_logprob == cold.cumulative_logprob
 
 
-def test_same_request_twice_is_identical(engine):
+def test_same_request_twice_is_identical(unspeculative):
     """Repeating a request (which reuses its cache) gives the same text and logprobs as the first time."""
+    engine = unspeculative
     engine.forget()
     first = complete(engine, LONG_PROMPT, params=greedy(logprobs=2))[0]
     second_request = run(engine, LONG_PROMPT, greedy(logprobs=2))
