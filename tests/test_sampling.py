@@ -113,6 +113,15 @@ def test_top_p_keeps_smallest_set_reaching_top_p():
     assert out[0, 2] == NEG_INF
 
 
+def test_top_p_below_float32s_smallest_value_keeps_the_most_likely_token():
+    """A top_p that rounds to 0 in float32 (the fuzzer sent 1.4e-109 to /infill) still leaves one token to sample."""
+    logits = probs_logits([0.15, 0.5, 0.05, 0.3])
+    out = TopP(1.421936353602447e-109)(logits, None)
+    assert torch.isfinite(out[0, 1]) and torch.isinf(out[0, [0, 2, 3]]).all()
+    chooser = TokenChooser(SamplingParams(temperature=0.8, top_p=1e-109, seed=1), 4, 1, torch.device("cpu"))
+    assert chooser(logits).token_ids.tolist() == [1]
+
+
 def test_top_p_always_keeps_the_top_token():
     """Even a tiny top_p keeps the single most likely token."""
     logits = probs_logits([0.2, 0.4, 0.4 - 1e-3, 1e-3])

@@ -71,8 +71,10 @@ class TopP:
     def __call__(self, logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        # Drop a token when the tokens before it already reach top_p; the first always stays, also when
+        # top_p is below float32's smallest value (1e-109 rounds to 0, and 0 >= 0 dropped every token).
         drop = (probs.cumsum(dim=-1) - probs) >= self.top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
