@@ -119,8 +119,9 @@ def test_same_request_twice_is_identical(unspeculative):
     assert second.text == first.text and second.logprobs == first.logprobs
 
 
-def test_prefix_cache_shorter_prompt(engine):
+def test_prefix_cache_shorter_prompt(unspeculative):
     """A prompt that is a prefix of the cached one (cache cropped) still matches a cold run exactly."""
+    engine = unspeculative
     complete(engine, LONG_PROMPT, params=greedy(4))
     shorter = LONG_PROMPT[:-40]
     warm_request = run(engine, shorter, greedy())
