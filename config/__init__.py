@@ -88,6 +88,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     max_tokens: int = 16
     decoder_prompt: bool = False  # seq2seq models whose card feeds the prompt to the decoder too (CodeT5+ 2B+)
+    # Whether prompts start with the tokenizer's BOS / (seq2seq) end with its EOS; None: as its
+    # tokenizer_config.json says (add_bos_token / add_eos_token), else as its encodings do.
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -240,6 +244,12 @@ def _validated(settings: Settings) -> Settings:
             raise ConfigError(f"model {model.name!r}: the fim template must contain {{prefix}} and {{suffix}} once each")
         if model.max_tokens < 0:
             raise ConfigError(f"model {model.name!r}: max_tokens must be >= 0")
+        for key in ("add_bos_token", "add_eos_token"):
+            if getattr(model, key) not in (None, True, False):
+                raise ConfigError(f"model {model.name!r}: {key} must be true or false")
+        if model.add_eos_token and model.kind == "causal":
+            raise ConfigError(f"model {model.name!r}: add_eos_token = true would end every prompt of a causal "
+                              "model, which it reads as the end of the text (only seq2seq encoders take it)")
         for alias in model.names:
             if alias in seen:
                 raise ConfigError(f"name {alias!r} is used by both {seen[alias]!r} and {model.name!r}")

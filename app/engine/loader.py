@@ -352,12 +352,39 @@ def _load_folder(config: ModelConfig, location: str, device: torch.device, dtype
         model = auto_class.from_pretrained(location, dtype=weights, **options)
     except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or garbled files (JSON, safetensors)
         raise ModelLoadError(f"model {config.name!r}: cannot load {location!r}: {exc}") from exc
+    _match_prompt_edges(config, tokenizer, location)
     model.to(device).eval()
     if dtype == "int8":
         model = quantize_int8(model)
     log.info("loaded %s from %s on %s as %s in %.1f s", config.name, location, device, dtype,
              time.perf_counter() - started)
     return model, tokenizer
+
+
+def tokenizer_settings(location: str, revision: str | None = None) -> dict:
+    """The tokenizer_config.json of a folder or (cached) hub id as a dict; empty when there is none."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(location, "tokenizer_config.json", revision=revision,
+                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        return json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read tokenizer_config.json of %s: %s", location, exc)
+        return {}
+
+
+def _match_prompt_edges(config: ModelConfig, tokenizer, location: str) -> None:
+    """Prompts start (and seq2seq inputs end) as the model was trained: the entry's say, else the tokenizer config's."""
+    from .prompts import TemplateError, match_prompt_edges, tokenizer_flag
+
+    settings = tokenizer_settings(location, config.revision)
+    bos = config.add_bos_token if config.add_bos_token is not None else tokenizer_flag(settings, "add_bos_token")
+    eos = config.add_eos_token if config.add_eos_token is not None else tokenizer_flag(settings, "add_eos_token")
+    try:
+        match_prompt_edges(tokenizer, bos, eos, causal=config.kind == "causal")
+    except TemplateError as exc:
+        raise ModelLoadError(f"model {config.name!r}: {exc}") from None
 
 
 def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, dtype: str):

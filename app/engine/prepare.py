@@ -16,7 +16,10 @@ from .context import ContextPlacer
 from .errors import InvalidParameter, PromptTooLong
 from .healing import TokenHealer
 from .params import PromptContext, SamplingParams
-from .prompts import SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_last, leading_bos, special_token_id
+from .prompts import (
+    SPECIAL_TOKEN, FimPrompt, TemplateError, Truncation, keep_last, leading_bos, special_token_id, token_strings,
+    trailing_eos,
+)
 from .request import Request
 from .sampling import TokenChooser
 from .sequence import IncrementalDetokenizer, SequenceState
@@ -45,6 +48,15 @@ class Preparer:
         self.context_length = config.context_length or _window(model.config)
         self.eos_ids, self.stop_strings = self._stops(model)
         self.healer = TokenHealer(tokenizer, self.decode) if options.token_healing and not self.is_seq2seq else None
+        log.info("model %s: %s", config.name, self.describe_prompts())
+
+    def describe_prompts(self) -> str:
+        """How this model's prompts begin (and end), as logged at start-up: its BOS, its FIM layout."""
+        ends = trailing_eos(self.tokenizer) if self.is_seq2seq else []
+        plain = "".join(token_strings(self.tokenizer, self.bos)) + "{prompt}" + \
+            "".join(token_strings(self.tokenizer, ends))
+        fim = self.fim.layout_text() if self.fim else "none (a suffix is ignored)"
+        return f"plain prompt {plain!r}; fill-in-the-middle prompt {fim!r}"
 
     def _stops(self, model: torch.nn.Module) -> tuple[frozenset[int], tuple[str, ...]]:
         """End-of-sequence ids from the model and tokenizer, plus configured stops.
@@ -53,10 +65,18 @@ class Preparer:
         vocabulary has stops by id (its text never reaches the output); anything else
         is matched as a string.
         """
-        eos = set()
-        for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
+        eos = {self.tokenizer.eos_token_id} - {None}
+        marked = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
+        for source in (getattr(model, "generation_config", None), model.config):
             value = getattr(source, "eos_token_id", None)
-            eos.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+            for token in value if isinstance(value, (list, tuple)) else [value] if value is not None else []:
+                # CodeGen2's config names ids 1 and 2 as bos/eos: '"' and '#' in its tokenizer, so taking
+                # them would end a completion at every comment. An end-of-sequence is a special token.
+                if token in marked or token >= len(self.tokenizer):
+                    eos.add(token)
+                else:
+                    log.warning("model %s: its config's eos_token_id %d is the ordinary token %r, not a stop",
+                                self.config.name, token, self.token_text(token))
         strings = []
         for stop in self.config.stop:
             if SPECIAL_TOKEN.fullmatch(stop):

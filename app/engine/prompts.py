@@ -67,6 +67,11 @@ class Template:
         """The template's ids with each placeholder's text tokenized on its own."""
         return self.fill(**{name: self.plain(text) for name, text in values.items()})
 
+    def layout_text(self) -> str:
+        """The template as the model sees it: its literal tokens spelled out, placeholders as ``{name}``."""
+        return "".join(f"{{{part}}}" if isinstance(part, str) else "".join(token_strings(self.tokenizer, part))
+                       for part in self.parts)
+
 
 class FimPrompt:
     """Builds fill-in-the-middle token ids from a template like ``<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>``.
@@ -82,6 +87,12 @@ class FimPrompt:
         self.bos = leading_bos(tokenizer)
         self.eos = trailing_eos(tokenizer) if end_with_eos else []
         self.fixed_tokens = len(self.bos) + len(self.eos) + self.layout.literal_tokens
+
+    def layout_text(self) -> str:
+        """The whole FIM prompt as the model sees it, e.g. ``<s><PRE>{prefix}<SUF>{suffix}<MID>``."""
+        tokenizer = self.layout.tokenizer
+        return "".join(token_strings(tokenizer, self.bos)) + self.layout.layout_text() + \
+            "".join(token_strings(tokenizer, self.eos))
 
     def build(self, prefix: str, suffix: str, budget: int, slack: int = 0) -> tuple[list[int], Truncation]:
         """Token ids for the model, at most ``budget`` long: the far ends of prefix and suffix go first.
@@ -126,6 +137,44 @@ def trailing_eos(tokenizer) -> list[int]:
     ids = tokenizer("x")["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     return [eos] if eos is not None and len(ids) > len(plain) and ids[-1] == eos else []
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each id's vocabulary string (special tokens as written, byte-level marks kept)."""
+    return [str(token) for token in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
+def tokenizer_flag(settings: dict, key: str) -> bool | None:
+    """``add_bos_token``/``add_eos_token`` from a tokenizer_config.json, None when absent or not a boolean."""
+    value = settings.get(key)
+    return value if isinstance(value, bool) else None
+
+
+def match_prompt_edges(tokenizer, bos: bool | None, eos: bool | None, causal: bool) -> tuple[bool, bool]:
+    """Make ordinary encodings start with BOS and end with EOS as the model was trained; return (bos, eos).
+
+    ``bos``/``eos`` None keep what the tokenizer does. A causal prompt never ends with EOS
+    (the model would read the text as ended). transformers 5 loads some tokenizers without
+    the BOS their config asks for (DeepSeek-Coder's ``add_bos_token: true`` on a plain
+    ByteLevel post-processor), so the post-processor is rebuilt where the two disagree.
+    """
+    has_bos, has_eos = bool(leading_bos(tokenizer)), bool(trailing_eos(tokenizer))
+    want_bos = has_bos if bos is None else bos
+    want_eos = False if causal else (has_eos if eos is None else eos)
+    if (want_bos, want_eos) == (has_bos, has_eos):
+        return has_bos, has_eos
+    for wanted, token in ((want_bos, tokenizer.bos_token), (want_eos, tokenizer.eos_token)):
+        if wanted and token is None:
+            raise TemplateError("the tokenizer has no BOS/EOS token to add to prompts")
+    if not hasattr(type(tokenizer), "update_post_processor"):
+        raise TemplateError(f"cannot change what {type(tokenizer).__name__} adds to encodings; set add_bos_token "
+                            f"= {str(has_bos).lower()} in the model entry to serve its prompts as it encodes them")
+    tokenizer.add_bos_token, tokenizer.add_eos_token = want_bos, want_eos
+    got = bool(leading_bos(tokenizer)), bool(trailing_eos(tokenizer))
+    if got != (want_bos, want_eos):
+        raise TemplateError(f"asked the tokenizer for bos={want_bos} eos={want_eos}, its encodings give "
+                            f"bos={got[0]} eos={got[1]}")
+    return got
 
 
 def special_token_id(tokenizer, token: str) -> int:
