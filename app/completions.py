@@ -87,11 +87,14 @@ def health():
 
 @bp.get("/ready")
 def ready():
-    """Readiness: 200 once every served model is loaded in this worker, else 503."""
+    """Readiness: 200 once every served model is loaded in this worker and its upstream (if any) answers, else 503."""
     registry = get_engines()
     loading = registry.not_loaded()
     if loading:
         return jsonify(status="loading", loading=loading), 503
+    unreachable = {engine.name: problem for engine in registry.loaded() if (problem := engine.health())}
+    if unreachable:
+        return jsonify(status="upstream_unreachable", upstreams=unreachable), 503, {"Retry-After": "5"}
     return jsonify(status="ready", models=[m.name for m in registry.models])
 
 

@@ -39,7 +39,7 @@ class ClientGone(BodyError):
 class Answer:
     """How one kind of error is answered."""
 
-    status: int
+    status: int | None  # None: the error's own ``status`` (an upstream's 4xx, passed on as it came)
     type: str = "invalid_request_error"
     code: str | None = None
     retry_after: bool = False  # clients should come back shortly
@@ -48,7 +48,8 @@ class Answer:
         """The envelope, status and headers of ``exc`` (its own code, when it names one, wins)."""
         headers = {"Retry-After": "1"} if self.retry_after else {}
         code = getattr(exc, "code", None) or self.code
-        return error_envelope(exc.message, self.type, exc.param, code), self.status, headers
+        status = exc.status if self.status is None else self.status
+        return error_envelope(exc.message, self.type, exc.param, code), status, headers
 
 
 # The errors a client causes or should know about; anything else is a server fault (500).
@@ -64,6 +65,9 @@ ANSWERS: dict[type[Exception], Answer] = {
     engine.RequestTimedOut: Answer(503, "server_error", "request_timeout", retry_after=True),
     engine.ServerStopping: Answer(503, "server_error", "server_shutting_down", retry_after=True),
     engine.ModelUnavailable: Answer(503, "server_error", "model_unavailable"),
+    engine.UpstreamUnavailable: Answer(503, "server_error", "upstream_unavailable", retry_after=True),
+    engine.UpstreamMisconfigured: Answer(502, "server_error", "upstream_misconfigured"),
+    engine.UpstreamRejected: Answer(None),
 }
 SERVER_FAULT = Answer(500, "server_error")
 

@@ -53,6 +53,16 @@ class Metrics:
         self.draft_steps = Gauge("fauxpilot_spec_steps_total", "Decode row-steps that carried a draft.",
                                  ["model"], multiprocess_mode="livesum", registry=registry)
 
+        self.upstream_calls = Gauge("fauxpilot_upstream_requests_total", "Requests sent to upstream servers.",
+                                    ["model"], multiprocess_mode="livesum", registry=registry)
+        self.upstream_errors = Gauge("fauxpilot_upstream_errors_total", "Upstream requests that failed (unreachable, "
+                                     "refused, broken off).", ["model"], multiprocess_mode="livesum", registry=registry)
+        self.upstream_wait = Gauge("fauxpilot_upstream_first_token_seconds_total", "Upstream time to first token, "
+                                   "summed (divide by requests for the mean).", ["model"], multiprocess_mode="livesum",
+                                   registry=registry)
+        self.upstream_time = Gauge("fauxpilot_upstream_seconds_total", "Upstream request time, summed.", ["model"],
+                                   multiprocess_mode="livesum", registry=registry)
+
     def record(self, model: str | None, status: int, started: float, usage: tuple[int, int]) -> None:
         """Count one finished request."""
         label = model or "-"
@@ -71,6 +81,11 @@ class Metrics:
         self.drafted.labels(model).set(stats.drafted)
         self.accepted.labels(model).set(stats.accepted)
         self.draft_steps.labels(model).set(stats.draft_steps)
+        if stats.upstream_calls:
+            self.upstream_calls.labels(model).set(stats.upstream_calls)
+            self.upstream_errors.labels(model).set(stats.upstream_errors)
+            self.upstream_wait.labels(model).set(stats.upstream_wait_seconds)
+            self.upstream_time.labels(model).set(stats.upstream_seconds)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format (every worker's, under gunicorn)."""

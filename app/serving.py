@@ -82,7 +82,13 @@ def start_completion(engine: Engine, body: CompletionRequest, settings: Settings
                 for prompt in body.prompts]
     timeout = settings.request_timeout
     watch = Watch(client_gone, time.monotonic() + timeout if timeout else None, stopping)
-    return CompletionRun(engine, body, requests, engine.admit(), watch, record)
+    ticket = engine.admit()
+    try:
+        engine.open(requests[0])  # an upstream engine's refusal is answered with its status, before the reply
+    except BaseException:
+        ticket.release()
+        raise
+    return CompletionRun(engine, body, requests, ticket, watch, record)
 
 
 def _gather(run: CompletionRun) -> list[ChoiceOut]:

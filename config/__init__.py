@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("fauxpilot.toml")
 KINDS = ("causal", "seq2seq")
+BACKENDS = ("local", "openai")  # in-process weights, or an OpenAI-compatible completions server
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DECODE_STEPS = ("auto", "fast", "compiled", "hf")
 FIM_ORDERS = ("psm", "spm")
@@ -92,6 +93,12 @@ class ModelConfig:
     # tokenizer_config.json says (add_bos_token / add_eos_token), else as its encodings do.
     add_bos_token: bool | None = None
     add_eos_token: bool | None = None
+    # backend "openai": tokens come from an OpenAI-compatible completions server at `url` (vLLM, SGLang,
+    # llama-server) under its name `upstream_model`; `source` then only gives the tokenizer (and config).
+    backend: str = "local"
+    url: str | None = None
+    upstream_model: str | None = None
+    upstream_api_key: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -247,6 +254,16 @@ def _validated(settings: Settings) -> Settings:
         for key in ("add_bos_token", "add_eos_token"):
             if getattr(model, key) not in (None, True, False):
                 raise ConfigError(f"model {model.name!r}: {key} must be true or false")
+        if model.backend not in BACKENDS:
+            raise ConfigError(f"model {model.name!r}: backend must be one of {BACKENDS}, got {model.backend!r}")
+        if model.backend == "openai":
+            if not isinstance(model.url, str) or not re.match(r"https?://[^/\s]+", model.url):
+                raise ConfigError(f"model {model.name!r}: backend \"openai\" needs url = \"http://host:port/v1\" "
+                                  f"(the upstream server's OpenAI API root), got {model.url!r}")
+            if model.kind != "causal":
+                raise ConfigError(f"model {model.name!r}: only causal models can be served by an upstream engine")
+        elif model.url is not None or model.upstream_model is not None:
+            raise ConfigError(f"model {model.name!r}: url and upstream_model need backend = \"openai\"")
         if model.add_eos_token and model.kind == "causal":
             raise ConfigError(f"model {model.name!r}: add_eos_token = true would end every prompt of a causal "
                               "model, which it reads as the end of the text (only seq2seq encoders take it)")

@@ -25,7 +25,7 @@ from app.engine import SamplingParams
 from app.engine.context import COMMENTS, comment_style
 from app.engine.loader import load_engine
 from app.engine.params import ContextChunk, PromptContext
-from app.engine.prepare import Preparer
+from app.engine.prepare import ModelFacts, Preparer
 from app.engine.sampling import TopK, build_processors
 from app.engine.sequence import IncrementalDetokenizer, SequenceState
 from app.engine.stopping import IndentStop, StopCondition, TimeBudget
@@ -701,7 +701,7 @@ def test_a_repo_token_the_tokenizer_lacks_fails_the_load(engines):
     entry = dataclasses.replace(engine.config, repo=model_from_mapping({"name": "m", "source": "x", "repo": {
         "name": "<|repo_name|>{repo}", "file": "{path}{code}", "current": ""}}).repo)
     with pytest.raises(RepoTemplateError, match="repo_name"):
-        Preparer(entry, engine.model, engine.tokenizer, engine.device, engine.options)
+        Preparer(entry, ModelFacts.of(engine.model), engine.tokenizer, engine.device, engine.options)
 
 
 def test_invalid_request_error_is_what_the_parser_raises():

@@ -21,7 +21,7 @@ from .errors import EngineBusy
 from .fastpath import fast_decoder
 from .kvcache import PrefixCache
 from .params import Delta, PromptContext, SamplingParams, SequenceResult, TokenLogprob
-from .prepare import Preparer
+from .prepare import ModelFacts, Preparer
 from .request import Request, Watch
 from .runners import CausalRunner, Seq2SeqRunner
 from .scheduler import Scheduler
@@ -77,6 +77,10 @@ class EngineStats:
     drafted: int = 0  # speculative draft tokens fed to the model
     accepted: int = 0  # of those, tokens the model agreed with
     draft_steps: int = 0  # decode row-steps that carried a draft
+    upstream_calls: int = 0  # requests sent to an upstream server (backend "openai")
+    upstream_errors: int = 0  # of those, the ones that failed
+    upstream_wait_seconds: float = 0.0  # upstream time to first token, summed
+    upstream_seconds: float = 0.0  # upstream time to the end, summed
 
 
 class Engine:
@@ -96,7 +100,7 @@ class Engine:
             cache = PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache else None
             self.runner = CausalRunner(self.model, device, cache,
                                        fast=fast_decoder(self.model, options.decode_step, device))
-        self.preparer = Preparer(config, self.model, tokenizer, device, options,
+        self.preparer = Preparer(config, ModelFacts.of(self.model), tokenizer, device, options,
                                  cache.prompts if cache is not None else None)
         self.scheduler = Scheduler(self.runner, options.max_batch, threads, config.name)
         self.admission = Admission(options.max_batch + options.max_waiting)
@@ -128,6 +132,13 @@ class Engine:
     def admit(self) -> Ticket:
         """A place for one client request, or :class:`EngineBusy` when running and waiting are full."""
         return self.admission.enter()
+
+    def open(self, request: Request) -> None:
+        """Start what could still refuse the request before any reply is sent: nothing, in-process."""
+
+    def health(self) -> str | None:
+        """None when the engine can serve (an in-process model always can once loaded)."""
+        return None
 
     def stream(self, request: Request, watch: Watch = Watch()) -> Iterator[Delta]:
         """Run a prepared request; yield its deltas as they come (the echoed prompt first).

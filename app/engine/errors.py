@@ -48,3 +48,23 @@ class UnknownModel(EngineError):
 
 class ModelUnavailable(EngineError):
     """A served model that could not be loaded."""
+
+
+class UpstreamUnavailable(EngineError):
+    """The upstream server of a model cannot be reached, failed, or broke off its stream; retry later."""
+
+
+class UpstreamMisconfigured(EngineError):
+    """The upstream server refuses this server itself (its key, the model name) or does not return token ids."""
+
+
+class UpstreamRejected(EngineError):
+    """The upstream server refused the request's content (a 4xx other than auth or busy); ``status`` is its code."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message, param)
+        self.status = status
+
+
+class UpstreamBusy(EngineBusy):
+    """The upstream server is at its limit (it answered 429)."""

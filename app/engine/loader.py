@@ -405,8 +405,54 @@ def load_pretrained(config: ModelConfig, cache_dir: Path, device: torch.device, 
             from exc.__cause__
 
 
+def load_upstream(config: ModelConfig, settings: Settings):
+    """An :class:`~app.engine.upstream.UpstreamEngine` for a ``backend = "openai"`` entry: tokenizer and config only.
+
+    ``source`` gives the tokenizer (a folder, hub id or GGUF file: a GGUF's tokenizer and config are read
+    without its weights); the window comes from its config, or the entry's ``context_length``.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+    from .prepare import ModelFacts
+    from .upstream import UpstreamClient, UpstreamEngine
+
+    source = resolve_source(config)
+    options = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    if source.gguf_file:
+        options["gguf_file"] = source.gguf_file
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {config.name!r}: cannot load the tokenizer from {config.source!r}: {exc}") \
+            from exc
+    try:
+        model_config = AutoConfig.from_pretrained(source.location, **options)
+    except (OSError, ValueError) as exc:
+        if not config.context_length:
+            raise ModelLoadError(f"model {config.name!r}: no model config in {config.source!r} ({exc}); give the "
+                                 "entry a context_length") from exc
+        model_config = PretrainedConfig()
+    try:
+        generation = GenerationConfig.from_pretrained(source.location, **options)
+    except (OSError, ValueError):
+        generation = None  # optional: most tokenizer folders have none
+    _match_prompt_edges(config, tokenizer, source.location)
+    vocab_size = getattr(model_config, "vocab_size", None) or len(tokenizer)
+    client = UpstreamClient(config.url, config.upstream_api_key, settings.request_timeout or 600.0)
+    log.info("model %s: tokenizer from %s in %.1f s; generation upstream at %s (%s)", config.name, config.source,
+             time.perf_counter() - started, config.url, config.upstream_model or "its default model")
+    try:
+        return UpstreamEngine(config, ModelFacts(model_config, vocab_size, generation), tokenizer, settings.engine,
+                              client)
+    except ValueError as exc:  # TemplateError, RepoTemplateError
+        raise ModelLoadError(f"model {config.name!r}: {exc}") from None
+
+
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     """Build a ready :class:`~app.engine.engine.Engine` for one config entry."""
+    if config.backend == "openai":
+        return load_upstream(config, settings)
     from .context import RepoTemplateError
     from .engine import Engine
     from .prompts import TemplateError

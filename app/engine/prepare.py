@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,10 +29,26 @@ from .stopping import DedentStop, IndentStop, StopCondition, TimeBudget
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What preparing prompts needs of a model, weights or not: its config, generation config, logits width."""
+
+    config: Any  # transformers' PretrainedConfig
+    vocab_size: int
+    generation_config: Any = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelFacts":
+        """The facts of a loaded model (its output head's width is the logits' width)."""
+        head = model.get_output_embeddings()
+        return cls(model.config, getattr(head, "out_features", None) or model.config.vocab_size,
+                   getattr(model, "generation_config", None))
+
+
 class Preparer:
     """Everything about one model that turning text into a runnable request needs: tokenizer, window, stops."""
 
-    def __init__(self, config: ModelConfig, model: torch.nn.Module, tokenizer, device: torch.device,
+    def __init__(self, config: ModelConfig, model: ModelFacts, tokenizer, device: torch.device,
                  options: EngineOptions, cached_prompts: Callable[[], list[tuple[int, ...]]] | None = None):
         self.config, self.tokenizer, self.device, self.options = config, tokenizer, device, options
         # Anchoring only pays where a prefix cache reuses what it lines up (anchor.py).
@@ -43,8 +59,7 @@ class Preparer:
         self.fim = FimPrompt(tokenizer, config.fim.template, end_with_eos=self.is_seq2seq) if config.fim else None
         self.bos = leading_bos(tokenizer)
         self.context = ContextPlacer(tokenizer, config.repo, self.bos)
-        head = model.get_output_embeddings()
-        self.vocab_size = getattr(head, "out_features", None) or model.config.vocab_size
+        self.vocab_size = model.vocab_size
         self.context_length = config.context_length or _window(model.config)
         self.eos_ids, self.stop_strings = self._stops(model)
         self.healer = TokenHealer(tokenizer, self.decode) if options.token_healing and not self.is_seq2seq else None
@@ -58,7 +73,7 @@ class Preparer:
         fim = self.fim.layout_text() if self.fim else "none (a suffix is ignored)"
         return f"plain prompt {plain!r}; fill-in-the-middle prompt {fim!r}"
 
-    def _stops(self, model: torch.nn.Module) -> tuple[frozenset[int], tuple[str, ...]]:
+    def _stops(self, model: ModelFacts) -> tuple[frozenset[int], tuple[str, ...]]:
         """End-of-sequence ids from the model and tokenizer, plus configured stops.
 
         A configured stop written like a special token (``<eom>``, ``▁<EOT>``) that the
@@ -67,7 +82,7 @@ class Preparer:
         """
         eos = {self.tokenizer.eos_token_id} - {None}
         marked = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
-        for source in (getattr(model, "generation_config", None), model.config):
+        for source in (model.generation_config, model.config):
             value = getattr(source, "eos_token_id", None)
             for token in value if isinstance(value, (list, tuple)) else [value] if value is not None else []:
                 # CodeGen2's config names ids 1 and 2 as bos/eos: '"' and '#' in its tokenizer, so taking

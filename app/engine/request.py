@@ -201,6 +201,11 @@ class Request:
         self.next_tokens = [last_tokens[row] for row in keep]
         return keep
 
+    def deliver(self, deltas: list[Delta]) -> None:
+        """Send deltas made outside the batch (an upstream engine's tokens); best_of's wait for the end."""
+        if deltas and not self.ranked:
+            self._out.put(deltas)
+
     def finish(self) -> None:
         """The request is over (done or dropped): send a best_of request's chosen sequences, then DONE."""
         self.timings.finished = time.perf_counter()

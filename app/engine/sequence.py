@@ -99,6 +99,11 @@ class SequenceState:
             self.pending = [e for e in self.pending if e.offset - self.offset_base < decision.cut]
         return self._emit(len(self.text), decision.reason, release_all=True)
 
+    def end(self, reason: str) -> Delta | None:
+        """End the sequence for a reason decided elsewhere (the upstream's own stop): all text goes out."""
+        self.text += self.detokenizer.flush()
+        return self._emit(len(self.text), reason, release_all=True)
+
     def _note_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], offset: int) -> None:
         token = self.token_text(token_id)
         if len(self.text) > offset and self.text.endswith(token):
