@@ -305,3 +305,17 @@ def test_echo_with_logprobs_is_refused_upstream(up_client, upstream):
     echoed = up_client.post("/v1/completions", json={"model": "up", "prompt": "#", "echo": True, "max_tokens": 1})
     assert echoed.get_json()["choices"][0]["text"].startswith("#")
     assert json.dumps(upstream.bodies[-1]["prompt"])  # the echo request went upstream too
+
+
+def test_llama_vscode_infill_on_an_upstream_entry(up_client, up_engines, upstream):
+    """llama.vscode's /infill (FIM layout, its ring chunks as context) runs upstream; the reply is llama.cpp's shape."""
+    engine = up_engines["up-fim"]
+    upstream.script = Script(tokens=ids_of(engine, "return a + b"))
+    body = {"model": "up-fim", "input_prefix": "def add(a, b):\n", "prompt": "    ", "input_suffix": "\n",
+            "input_extra": [{"text": "import math\n", "filename": "util.py", "time": 1718000000000}],
+            "n_predict": 16, "stream": False}
+    response = up_client.post("/infill", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["content"] == "return a + b"
+    sent = upstream.bodies[0]["prompt"]
+    assert engine.tokenizer.decode(sent, skip_special_tokens=False).count("import math") == 1
