@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
 from config import FimTemplate, ModelConfig, Settings
 
 from .tiny_models import FIM_TOKENS, build_llama
+
+
+# The device the shared tiny engines run on: cpu unless FAUXPILOT_TEST_DEVICE names another (bench/gpu_check.py
+# runs the engine and scheduler tests with "cuda"); the tests themselves name no device.
+TEST_DEVICE = os.environ.get("FAUXPILOT_TEST_DEVICE") or "cpu"
 
 
 def pytest_configure(config):
@@ -28,7 +34,8 @@ def tiny_settings(tiny_model_dir, tmp_path_factory):
     fim = dataclasses.replace(plain, name="tiny-fim", aliases=(), fim=FimTemplate.from_tokens(*FIM_TOKENS))
     # Tests repeat identical requests to check the prefix cache, the scheduler and faults; the answer
     # cache would answer the repeats without them, so it is off here (tests/test_answers.py has it on).
-    return Settings(models=(plain, fim), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu", answer_cache=0)
+    return Settings(models=(plain, fim), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE,
+                    answer_cache=0)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -72,8 +73,9 @@ def training_text() -> list[str]:
     return [SAMPLE_CODE, MORE_CODE] * 10
 
 
-def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style) with an end-of-text and FIM special tokens."""
+def build_tokenizer(vocab_size: int = 600, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) with an end-of-text and FIM special tokens, learnt from ``texts``
+    (default: the fixed sample code above)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -83,32 +85,36 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(training_text(), trainer)
+    tokenizer.train_from_iterator(training_text() if texts is None else texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
                                    additional_special_tokens=list(FIM_TOKENS))
 
 
-def build_llama(folder: Path, seed: int = 0) -> Path:
-    """Save a 2-layer Llama with random weights and the tokenizer above into ``folder``."""
-    tokenizer = build_tokenizer()
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+# SmolLM2-135M's config.json (the default model): the same tensors, hence the same work per token.
+SMOLLM2_135M_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+                          rope_theta=100000.0, rms_norm_eps=1e-5)
+
+
+def build_llama(folder: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None,
+                shape: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a Llama with random weights (default: 2 layers, TINY_SHAPE) and its tokenizer into ``folder``."""
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        **(shape or TINY_SHAPE),
     )
     model = LlamaForCausalLM(config)
     # Default init gives near-uniform logits; larger weights make greedy text varied and decisive.
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)
-        model.lm_head.weight.normal_(0, 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
