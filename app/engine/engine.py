@@ -208,15 +208,18 @@ class Engine:
         for index in range(request.n):
             yield Delta(index, request.prompt, request.echo_logprobs)
 
-    def prompt_logprobs(self, request: Request) -> list[TokenLogprob]:
-        """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs``."""
+    def prompt_logprobs(self, request: Request, alternatives: int | None = None) -> list[TokenLogprob]:
+        """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs`` (run it on the scheduler's thread).
+
+        ``alternatives``: how many top alternatives per token (default: the request's ``logprobs``).
+        """
         ids, text = list(request.prompt_ids), self.preparer.token_text
         offsets = [len(self.decode(ids[:i])) for i in range(len(ids))]
         entries = [TokenLogprob(text(ids[0]), None, (), offsets[0])]
         if self.preparer.is_seq2seq:  # encoder input: the model gives it no probabilities
             return entries + [TokenLogprob(text(t), None, (), o) for t, o in zip(ids[1:], offsets[1:])]
         scores = self.runner.score(ids)
-        k = request.params.logprobs or 0
+        k = (request.params.logprobs or 0) if alternatives is None else alternatives
         for pos in range(1, len(ids)):
             row = scores[pos - 1]
             top = ()
