@@ -18,7 +18,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     from .completions import bp
     from .engine.registry import EngineRegistry
     from .metrics import Metrics
-    from .ui import bp as ui_bp
+    from .ui.views import bp as ui_bp
 
     if isinstance(config, Settings):
         settings = config

@@ -27,6 +27,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from marshmallow import Schema, fields
+
 log = logging.getLogger(__name__)
 
 # Upper edges (ms) of the latency buckets; one more bucket holds everything slower. An editor's
@@ -410,7 +412,7 @@ class UsageReports:
         every_day = [(start + timedelta(days=i)).strftime("%Y-%m-%d") for i in range(days)]
         per_day = dict(grouped(rows, lambda row: row.day))
         empty = summarize(())
-        return {
+        return _REPORT.dump({
             "since": since, "until": utc_day(now), "latency_buckets_ms": list(LATENCY_EDGES_MS),
             "totals": summarize(rows).as_dict(),
             "days": [{"day": day, **per_day.get(day, empty).as_dict()} for day in every_day],
@@ -419,7 +421,66 @@ class UsageReports:
                        for name, report in grouped(rows, lambda r: r.labels.model)],
             "languages": [{"language": name, **report.as_dict()}
                           for name, report in grouped(rows, lambda r: r.labels.language)],
-        }
+        })
+
+
+class LatencySchema(Schema):
+    """Latency percentiles in ms, interpolated from the rows' histograms (null: no requests)."""
+
+    p50 = fields.Float(allow_none=True, required=True)
+    p90 = fields.Float(allow_none=True, required=True)
+    p99 = fields.Float(allow_none=True, required=True)
+
+
+class FiguresSchema(Schema):
+    """The figures of a group of requests."""
+
+    requests = fields.Integer(required=True, metadata={"description": "completion requests (any outcome)"})
+    shown = fields.Integer(required=True, metadata={
+        "description": "answered whole (status 200, not cancelled) with some non-blank text"})
+    accepted = fields.Integer(required=True, metadata={
+        "description": "shown completions a later prompt of the same session continued with (inferred), whole or "
+                       "their first line; counted on the day and labels of the completion"})
+    accepted_whole = fields.Integer(required=True)
+    acceptance_rate = fields.Float(allow_none=True, required=True, metadata={"description": "accepted / shown"})
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    latency_ms = fields.Nested(LatencySchema, required=True)
+
+
+class DayFiguresSchema(FiguresSchema):
+    day = fields.String(required=True, metadata={"description": "UTC day, YYYY-MM-DD"})
+
+
+class KeyFiguresSchema(FiguresSchema):
+    key = fields.String(required=True, metadata={
+        "description": "`anonymous` (no keys configured) or `key-` + the first 8 hex digits of the key's SHA-256"})
+
+
+class ModelFiguresSchema(FiguresSchema):
+    model = fields.String(required=True)
+
+
+class LanguageFiguresSchema(FiguresSchema):
+    language = fields.String(required=True, metadata={
+        "description": "the editor's language id, else from the prompt's path header, else `unknown`"})
+
+
+class UsageReportSchema(Schema):
+    """``GET /ui/api/usage``: the figures of the last ``days`` days."""
+
+    since = fields.String(required=True)
+    until = fields.String(required=True)
+    latency_buckets_ms = fields.List(fields.Integer(), required=True, metadata={
+        "description": "upper edges of the latency histogram's buckets (one more holds anything slower)"})
+    totals = fields.Nested(FiguresSchema, required=True)
+    days = fields.List(fields.Nested(DayFiguresSchema), required=True, metadata={"description": "every day, oldest first"})
+    keys = fields.List(fields.Nested(KeyFiguresSchema), required=True, metadata={"description": "most requests first"})
+    models = fields.List(fields.Nested(ModelFiguresSchema), required=True)
+    languages = fields.List(fields.Nested(LanguageFiguresSchema), required=True)
+
+
+_REPORT = UsageReportSchema()
 
 
 @dataclass

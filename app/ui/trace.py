@@ -142,7 +142,7 @@ class HealingSchema(Schema):
     candidates = fields.Integer(required=True)
 
 
-class TimingsSchema(Schema):
+class TraceTimingsSchema(Schema):
     """The request's way through the engine, in milliseconds (null: never happened, e.g. nothing generated)."""
 
     queued_ms = fields.Float(allow_none=True, required=True)
@@ -161,7 +161,7 @@ class PromptTraceSchema(Schema):
     truncation = fields.Nested(TruncationSchema, required=True)
     healing = fields.Nested(HealingSchema, allow_none=True, required=True)
     reused_tokens = fields.Integer(required=True, metadata={"description": "prompt tokens from the prefix cache"})
-    timings = fields.Nested(TimingsSchema, required=True)
+    timings = fields.Nested(TraceTimingsSchema, required=True)
     choices = fields.List(fields.Nested(ChoiceTraceSchema), required=True)
 
 
