@@ -285,3 +285,21 @@ def test_usage_report_days_have_no_gaps(fresh_app):
     assert [d["requests"] for d in report["days"]] == [0, 0, 0]
     assert report["days"][0]["latency_ms"]["p50"] is None and report["totals"]["acceptance_rate"] is None
     assert math.isclose(len(report["latency_buckets_ms"]), 13)
+
+
+def test_grafana_dashboard_queries_metrics_the_server_exports(client):
+    """Every fauxpilot_* series the dashboard queries is in /metrics once a completion was shown and accepted."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy" / "grafana" / "fauxpilot-lite.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"fauxpilot_[a-z_]+", target["expr"])}
+    assert "fauxpilot_completions_accepted_total" in queried and "fauxpilot_completions_shown_total" in queried
+    prompt = "def zebra(n):\n"
+    shown = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                 "logit_bias": NO_EOS}).get_json()["choices"][0]["text"]
+    client.post("/v1/completions", json={"prompt": prompt + shown + "\n", "max_tokens": 1})
+    exported = client.get("/metrics").get_data(as_text=True)
+    missing = sorted(name for name in queried if not re.search(rf"^{name}[{{ ]", exported, re.MULTILINE))
+    assert not missing, missing

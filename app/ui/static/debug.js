@@ -214,7 +214,7 @@ function showTrace(trace) {
   if (cut.prefix_tokens) chips.appendChild(marker(`⋯ ${cut.prefix_tokens} tokens cut`));
   prompt.tokens.forEach((token) => chips.appendChild(chip(token, "prompt-token")));
   if (prompt.healing) {
-    const healed = marker(`healed: ${visible(prompt.healing.text)}`);
+    const healed = marker(`healed: ${JSON.stringify(prompt.healing.text)}`);
     healed.title = "This last prompt token was removed; the model chose the first generated token among those " +
       "that begin with it.";
     chips.appendChild(healed);

@@ -68,9 +68,8 @@ function dailyChart(days, series, { kind = "bars", format = number, maxValue = n
   });
   const legend = element("div", { class: "legend" });
   series.forEach((s, index) => {
-    const swatch = element("span", {}, "");
-    swatch.style.background = COLOURS[index % COLOURS.length];
-    swatch.style.width = "1rem";
+    const swatch = element("b", {}, "■");
+    swatch.style.color = COLOURS[index % COLOURS.length];
     legend.appendChild(swatch);
     legend.appendChild(document.createTextNode(` ${s.name}   `));
   });
