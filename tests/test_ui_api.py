@@ -303,3 +303,15 @@ def test_grafana_dashboard_queries_metrics_the_server_exports(client):
     exported = client.get("/metrics").get_data(as_text=True)
     missing = sorted(name for name in queried if not re.search(rf"^{name}[{{ ]", exported, re.MULTILINE))
     assert not missing, missing
+
+
+def test_copilot_token_counts_under_the_key_that_fetched_it(keyed_app):
+    """A Copilot token minted here is reported under its key's label, not as another key."""
+    client = keyed_app.test_client()
+    token = client.get("/copilot_internal/v2/token", headers={"Authorization": f"token {KEY}",
+                                                              "api-key": KEY}).get_json()["token"]
+    response = client.post("/v1/engines/codegen/completions", json={"prompt": "x = ", "max_tokens": 2},
+                           headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    report = client.get("/ui/api/usage?days=1", headers={"Authorization": f"Bearer {KEY}"}).get_json()
+    assert [(k["key"], k["requests"]) for k in report["keys"]] == [(key_label(KEY), 1)]
