@@ -449,19 +449,27 @@ class FiguresSchema(Schema):
 
 
 class DayFiguresSchema(FiguresSchema):
+    """The figures of one day."""
+
     day = fields.String(required=True, metadata={"description": "UTC day, YYYY-MM-DD"})
 
 
 class KeyFiguresSchema(FiguresSchema):
+    """The figures of one key."""
+
     key = fields.String(required=True, metadata={
         "description": "`anonymous` (no keys configured) or `key-` + the first 8 hex digits of the key's SHA-256"})
 
 
 class ModelFiguresSchema(FiguresSchema):
+    """The figures of one model."""
+
     model = fields.String(required=True)
 
 
 class LanguageFiguresSchema(FiguresSchema):
+    """The figures of one language."""
+
     language = fields.String(required=True, metadata={
         "description": "the editor's language id, else from the prompt's path header, else `unknown`"})
 

@@ -62,6 +62,7 @@ def screenshot(driver, name: str) -> None:
 
 
 def wait(driver):
+    """A wait of up to WAIT_SECONDS."""
     return WebDriverWait(driver, WAIT_SECONDS)
 
 
@@ -74,6 +75,7 @@ def enter_key(driver) -> None:
 
 
 def post(server, path: str, body: dict, headers: dict | None = None) -> dict:
+    """POST with the key; the JSON of a 200 reply."""
     status, _, text = server.request("POST", path, body, {"Authorization": f"Bearer {KEY}", **(headers or {})})
     assert status == 200, text
     return json.loads(text)

@@ -3,14 +3,13 @@ editing sessions counted and judged through the real completion routes."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from app import create_app
 from app.usage import first_line, key_label
 
-from .test_api import assert_envelope, pick_stops, sse_payloads
+from .test_api import assert_envelope, pick_stops
 
 KEY = "alpha-key-0123"
 PROMPT = "def fibonacci(n):\n    "
@@ -191,15 +190,18 @@ def sse_payloads_without_done(response) -> list[str]:
     ({"client": "infill", "body": {"input_prefix": 3}}, "input_prefix"),
 ])
 def test_debug_bad_requests_are_400_envelopes(client, body, param):
+    """A bad debug body, or a bad client body inside it, is a 400 naming the field."""
     assert_envelope(client.post("/ui/api/complete", json=body), 400, param=param)
 
 
 def test_debug_unknown_model_is_404(client):
+    """An unknown model is a 404, as on the real routes."""
     assert_envelope(client.post("/ui/api/complete", json={"body": {"prompt": "x", "model": "nope"}}), 404,
                     param="model", code="model_not_found")
 
 
 def test_openapi_documents_the_ui_apis(client):
+    """/openapi.json has both ui APIs and their schemas."""
     document = client.get("/openapi.json").get_json()
     assert "post" in document["paths"]["/ui/api/complete"]
     assert "get" in document["paths"]["/ui/api/usage"]
@@ -210,6 +212,7 @@ def test_openapi_documents_the_ui_apis(client):
 
 
 def test_usage_reports_off_answer_404(tiny_settings, engines, tmp_path):
+    """With usage_reports off nothing is written and the reports API is a 404."""
     app = create_app(tiny_settings.replace(cache_dir=tmp_path, usage_reports=False), engines=engines.values())
     client = app.test_client()
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
@@ -219,6 +222,7 @@ def test_usage_reports_off_answer_404(tiny_settings, engines, tmp_path):
 
 @pytest.mark.parametrize("days", ["0", "401", "x", "²", "-1"])
 def test_usage_days_are_checked(fresh_app, days):
+    """days outside 1..400, or not a plain number, is a 400 naming it."""
     assert_envelope(fresh_app.test_client().get(f"/ui/api/usage?days={days}"), 400, param="days")
 
 
@@ -284,7 +288,7 @@ def test_usage_report_days_have_no_gaps(fresh_app):
     report = fresh_app.test_client().get("/ui/api/usage?days=3").get_json()
     assert [d["requests"] for d in report["days"]] == [0, 0, 0]
     assert report["days"][0]["latency_ms"]["p50"] is None and report["totals"]["acceptance_rate"] is None
-    assert math.isclose(len(report["latency_buckets_ms"]), 13)
+    assert len(report["latency_buckets_ms"]) == 13
 
 
 def test_grafana_dashboard_queries_metrics_the_server_exports(client):

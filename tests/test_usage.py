@@ -136,6 +136,7 @@ class Session:
 
 @pytest.fixture()
 def tracker():
+    """A fresh acceptance tracker."""
     return AcceptanceTracker()
 
 
@@ -280,12 +281,14 @@ def test_known_false_negative_first_word_only(tracker):
 
 
 def test_first_line():
+    """The first line of code, leading blank lines kept, trailing space dropped; nothing for blank text."""
     assert first_line("    a = 1\n    b = 2\n") == "    a = 1"
     assert first_line("\n\n    a = 1\n") == "\n\n    a = 1"
     assert first_line(" \n ") == ""
 
 
 def test_summarize_adds_rows(tmp_path):
+    """Figures of several rows are their sums; the rate is accepted over shown."""
     store = UsageStore(tmp_path / "u.sqlite3")
     store.add("2026-01-01", LABELS, {"requests": 3, "shown": 2, "accepted": 1}, 100.0)
     store.add("2026-01-02", UsageLabels("key-1", "tiny", "go"), {"requests": 1, "shown": 1}, 3000.0)
