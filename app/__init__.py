@@ -18,6 +18,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     from .completions import bp
     from .engine.registry import EngineRegistry
     from .metrics import Metrics
+    from .ui.views import bp as ui_bp
 
     if isinstance(config, Settings):
         settings = config
@@ -29,8 +30,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
     app.config.update(FAUXPILOT=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False
     app.extensions["fauxpilot"] = EngineRegistry(settings, engines)
-    app.extensions["metrics"] = Metrics(settings.metrics_dir)
+    metrics = app.extensions["metrics"] = Metrics(settings.metrics_dir)
+    if settings.usage_reports:
+        app.extensions["usage"] = usage_reports(settings, metrics)
     app.register_blueprint(bp)
+    app.register_blueprint(ui_bp)
     app.register_error_handler(Exception, handle_error)
     if settings.trusted_proxies:
         # Behind a reverse proxy the links this server hands out (Copilot's token endpoints) must
@@ -38,6 +42,20 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iter
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_prefix=hops)
     return app
+
+
+def usage_reports(settings: Settings, metrics):
+    """The usage reports of ``settings`` (a database in the cache folder), counting into ``metrics`` too."""
+    from .usage import AcceptanceTracker, UsageReports, UsageStore
+
+    store = UsageStore(settings.cache_dir / "usage.sqlite3", settings.usage_retention_days, settings.usage_max_rows)
+
+    def accepted(acceptance) -> None:
+        part = "whole" if acceptance.whole else "first_line"
+        metrics.completions_accepted.labels(acceptance.shown.labels.model, part).inc()
+
+    return UsageReports(store, AcceptanceTracker(), on_accepted=accepted,
+                        on_shown=lambda model: metrics.completions_shown.labels(model).inc())
 
 
 def handle_error(exc: Exception):

@@ -14,9 +14,10 @@ from .errors import AuthenticationError, BodyError, ClientGone, ReadTimedOut
 from .llamacpp import compact_json, parse_infill_request
 from .metrics import RequestRecord, request_id
 from .openapi import openapi_document
-from .protocol import decode_json_body, model_list, parse_completion_request
+from .protocol import CompletionRequest, decode_json_body, model_list, parse_completion_request
 from .serving import (EventStream, InfillEventStream, client_gone_probe, start_completion, whole_completion,
                       whole_infill)
+from .usage import UsageLabels, key_label, language_of
 from .workers import request_read
 
 log = logging.getLogger(__name__)
@@ -50,18 +51,33 @@ def _is_key(presented: str, keys: tuple[str, ...]) -> bool:
     return bool(presented) and any(matches)
 
 
-@bp.before_request
-def _authenticate() -> None:
+def open_request_record() -> None:
+    """Give the request its id and its record (log line, metrics); every blueprint's first hook."""
     g.request_id = request_id(request.headers.get("X-Request-Id"))
     route = f"{request.method} {request.script_root}{request.path}"  # as the client sent it, prefix included
     g.record = RequestRecord(g.request_id, route, current_app.extensions["metrics"], request.remote_addr)
+
+
+def check_api_key() -> None:
+    """Refuse a request without one of the server's keys (or a Copilot token minted with one); note which key."""
     keys = current_app.config["FAUXPILOT"].api_keys
-    if not keys or request.endpoint in PUBLIC_ENDPOINTS:
+    g.api_key = None
+    if not keys:
         return
     presented = _presented_key()
-    if _is_key(presented, keys) or copilot_token.verify(presented, keys):
+    if _is_key(presented, keys):
+        g.api_key = presented
         return
-    raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
+    g.api_key = copilot_token.minting_key(presented, keys)
+    if g.api_key is None:
+        raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.")
+
+
+@bp.before_request
+def _authenticate() -> None:
+    open_request_record()
+    if request.endpoint not in PUBLIC_ENDPOINTS:
+        check_api_key()
 
 
 @bp.after_request
@@ -166,7 +182,9 @@ def infill():
     body = parse_infill_request(decode_json_body(_read_body(), request.mimetype or ""))
     engines = get_engines()
     engine = engines.get(body.model if body.model in engines.configs else None)
-    run = start_completion(engine, body.completion(), current_app.config["FAUXPILOT"], g.record,
+    completion = body.completion()
+    _count_usage(completion, engine.name)
+    run = start_completion(engine, completion, current_app.config["FAUXPILOT"], g.record,
                            client_gone_probe(request.environ), engines.stopping)
     if not body.stream:
         return Response(compact_json(whole_infill(run, body)), mimetype="application/json")
@@ -213,8 +231,26 @@ def _complete(engine_name: str | None, chat_deltas: bool = False):
     body = parse_completion_request(decode_json_body(_read_body(), request.mimetype or ""))
     engines = get_engines()
     engine = engines.get(engine_name or body.model)
+    _count_usage(body, engine.name)
     run = start_completion(engine, body, current_app.config["FAUXPILOT"], g.record, client_gone_probe(request.environ),
                            engines.stopping)
     if not body.stream:
         return jsonify(whole_completion(run))
     return _event_stream(EventStream(run, chat_deltas))
+
+
+# Headers editors send that name one editing session (Copilot's VS Code client sends the first).
+SESSION_HEADERS = ("VScode-SessionId", "X-Session-Id")
+
+
+def _count_usage(body: CompletionRequest, model: str) -> None:
+    """Count this completion request in the usage reports (when they are on) and resolve its session's last one."""
+    reports = current_app.extensions.get("usage")
+    if reports is None:
+        return
+    prompt = body.prompts[0]
+    labels = UsageLabels(key_label(g.get("api_key")), model,
+                         language_of(body.language, prompt, body.context.path if body.context else None))
+    session = next((request.headers[name][:128] for name in SESSION_HEADERS if request.headers.get(name)),
+                   f"address {request.remote_addr}")
+    g.record.counting = reports.begin(f"{labels.key} {session}", labels, prompt)

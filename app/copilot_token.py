@@ -33,15 +33,21 @@ def mint(key: str | None, proxy_host: str, now: float | None = None) -> tuple[st
 
 def verify(token: str, keys: Iterable[str], now: float | None = None) -> bool:
     """Whether ``token`` was minted here with one of ``keys`` and has not expired."""
+    return minting_key(token, keys, now) is not None
+
+
+def minting_key(token: str, keys: Iterable[str], now: float | None = None) -> str | None:
+    """The key of ``keys`` that ``token`` was minted with, if it was and has not expired."""
     fields = dict(part.split("=", 1) for part in token.split(";") if "=" in part)
     try:
         tid, expires_at, fingerprint = fields["tid"], int(fields["exp"]), fields["fp"]
     except (KeyError, ValueError):
-        return False
+        return None
     if expires_at < (now if now is not None else time.time()):
-        return False
-    matches = [hmac.compare_digest(fingerprint, _fingerprint(key, tid, expires_at)) for key in keys]
-    return any(matches)
+        return None
+    # Every key is compared, so the time taken says nothing about which one matched.
+    matches = [key for key in keys if hmac.compare_digest(fingerprint, _fingerprint(key, tid, expires_at))]
+    return matches[0] if matches else None
 
 
 def token_reply(token: str, expires_at: int, base_url: str) -> dict:

@@ -45,6 +45,12 @@ class Metrics:
                                 ["model"], multiprocess_mode="livesum", registry=registry)
         self.cache_misses = Gauge("fauxpilot_prefix_cache_misses", "Prompts with no cached prefix to start from.",
                                   ["model"], multiprocess_mode="livesum", registry=registry)
+        # Usage reports (app/usage.py): acceptance is inferred from the session's next prompts.
+        self.completions_shown = Counter("fauxpilot_completions_shown", "Completions answered whole with some text "
+                                         "(not cancelled).", ["model"], registry=registry)
+        self.completions_accepted = Counter("fauxpilot_completions_accepted", "Shown completions a later prompt of "
+                                            "the same session continued with (inferred): whole or first_line.",
+                                            ["model", "part"], registry=registry)
         # Counts since each live worker started (gauges summed over workers, as the cache counts are).
         self.drafted = Gauge("fauxpilot_spec_drafted_tokens_total", "Draft tokens fed to the model (speculation).",
                              ["model"], multiprocess_mode="livesum", registry=registry)
@@ -126,6 +132,8 @@ class RequestRecord:
         self.engine = None  # the engine that served it, once known
         self.usage = (0, 0)  # prompt, completion tokens
         self.complete = True  # False while a stream has not reached its end
+        self.texts: tuple[str, ...] = ()  # the completions' texts once served (for usage reports; never logged)
+        self.counting = None  # its usage report (app.usage.Counting), when usage reports are on
 
     def finish(self, status: int) -> None:
         """Write the request's log line (never prompt text) and count it in the metrics.
@@ -141,5 +149,8 @@ class RequestRecord:
                          "client=%s%s", self.request_id, self.route, status, model or "-", self.usage[0],
                          self.usage[1], (time.perf_counter() - self.started) * 1000, self.client, note)
         self.metrics.record(model, status, self.started, self.usage)
+        if self.counting is not None:
+            self.counting.finish(status, self.complete, self.usage, (time.perf_counter() - self.started) * 1000,
+                                 self.texts)
         if self.engine is not None:
             self.metrics.observe(model, self.engine.stats())

@@ -14,6 +14,8 @@ from .protocol import (
     _StringOrList,
 )
 from .llamacpp import InfillChunkSchema, InfillRequestSchema, InfillResultSchema, _ExtraChunks
+from .ui.trace import DebugRequestSchema, TraceSchema
+from .usage import UsageReportSchema
 
 ERRORS = {
     "400": "Invalid request: malformed body, a field out of range (`param` names it), context or server limits",
@@ -76,6 +78,34 @@ def _infill_operation() -> dict:
             "requestBody": {"required": True, "content": _json("InfillRequest")}, "responses": responses}
 
 
+def _debug_operation() -> dict:
+    responses = {"200": {"description": "The trace, or with `stream` server-sent events: `{\"delta\": {index, text}}` "
+                                        "as the completion comes, then `{\"trace\": Trace}` (an error envelope in "
+                                        "their place when it fails after the first event)",
+                         "content": {**_json("Trace"), "text/event-stream": {"schema": {"type": "string"}}}}}
+    responses.update({code: {"description": text, "content": _json("ErrorEnvelope")} for code, text in ERRORS.items()})
+    return {"summary": "The debug page's API: run one client request as its route would (`client` picks the body's "
+                       "shape) and return what the server did: the model prompt's tokens (special ones flagged, "
+                       "scored), FIM layout, truncation, healing, every generated token with its logprob and top "
+                       "alternatives, the stop rule and place, the reused prefix and the timings. Not counted in "
+                       "the usage reports",
+            "requestBody": {"required": True, "content": _json("DebugRequest")}, "responses": responses}
+
+
+def _usage_operation() -> dict:
+    days = [{"name": "days", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 400, "default": 30},
+             "description": "the period: this many days up to today (UTC)"}]
+    return {"summary": "Usage reports: requests, completions shown and accepted (inferred), tokens and latency "
+                       "percentiles per day, key, model and language",
+            "parameters": days, "responses": {
+                "200": {"description": "the figures", "content": _json("UsageReport")},
+                "400": {"description": "`days` out of range", "content": _json("ErrorEnvelope")},
+                "401": {"description": ERRORS["401"], "content": _json("ErrorEnvelope")},
+                "404": {"description": "usage reports are off (`usage_reports = false`)",
+                        "content": _json("ErrorEnvelope")}}}
+
+
 def openapi_document(version: str = "1") -> dict:
     """The API as an OpenAPI 3 document."""
     plugin = MarshmallowPlugin()
@@ -104,6 +134,11 @@ def openapi_document(version: str = "1") -> dict:
     for path, summary in (("/health", "Liveness"), ("/ready", "Readiness: every model loaded in this worker")):
         spec.path(path, operations={"get": {"summary": summary, "security": [], "responses": {
             "200": {"description": "yes"}, **({"503": {"description": "still loading"}} if path == "/ready" else {})}}})
+    spec.components.schema("DebugRequest", schema=DebugRequestSchema)
+    spec.components.schema("Trace", schema=TraceSchema)
+    spec.components.schema("UsageReport", schema=UsageReportSchema)
+    spec.path("/ui/api/complete", operations={"post": _debug_operation()})
+    spec.path("/ui/api/usage", operations={"get": _usage_operation()})
     spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": {
         "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}})
     document = spec.to_dict()

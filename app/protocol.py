@@ -198,6 +198,7 @@ class CompletionRequest:
     user: str | None = None
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     context: PromptContext | None = None  # repository context to put before the prompt
+    language: str | None = None  # the editor's language id of the file (Copilot's extra.language)
 
 
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -257,6 +258,7 @@ class CompletionRequestSchema(Schema):
             data.setdefault("max_tokens", fallback)
         extra: CopilotExtra = data.pop("extra", CopilotExtra())
         data["context"] = copilot_context(extra, data.pop("nwo", None))
+        data["language"] = extra.language
         params = {name: data.pop(name) for name in _PARAM_NAMES & data.keys()}
         params["trim_by_indentation"] = extra.trim_by_indentation
         request = CompletionRequest(**data, params=SamplingParams(**params))

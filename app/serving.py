@@ -52,6 +52,7 @@ class CompletionRun:
             completion_tokens += request.completion_tokens
             self.cached_tokens += request.reused
             self.record.usage = (prompt_tokens, completion_tokens)
+            self.record.texts += tuple(seq.text for seq in request.returned())
 
     def close(self) -> None:
         """Give the engine's place back (however the reply ended)."""
@@ -73,12 +74,15 @@ def check_limits(body: CompletionRequest, settings: Settings) -> None:
 
 def start_completion(engine: Engine, body: CompletionRequest, settings: Settings, record: RequestRecord,
                      client_gone: Callable[[], bool] | None = None,
-                     stopping: threading.Event | None = None) -> CompletionRun:
-    """Check, prepare every prompt and take a place in the engine: every refusal is raised here, before any reply."""
+                     stopping: threading.Event | None = None, trace: bool = False) -> CompletionRun:
+    """Check, prepare every prompt and take a place in the engine: every refusal is raised here, before any reply.
+
+    ``trace`` (the debug page): every token's logprob and alternatives are noted on the requests.
+    """
     check_limits(body, settings)
     record.engine = engine
     requests = [engine.prepare(prompt, body.params, suffix=body.suffix, n=body.n, best_of=body.best_of,
-                               echo=body.echo, request_id=record.request_id, context=body.context)
+                               echo=body.echo, request_id=record.request_id, context=body.context, trace=trace)
                 for prompt in body.prompts]
     timeout = settings.request_timeout
     watch = Watch(client_gone, time.monotonic() + timeout if timeout else None, stopping)

@@ -156,6 +156,11 @@ class Settings(EngineOptions):
     request_timeout: float = 300.0  # seconds a request may run before it is stopped (0: no limit)
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For/Proto/Host/Prefix are believed
     metrics_dir: str | None = None  # prometheus-client's multiprocess folder (gunicorn.conf.py sets one)
+    # Usage reports (app/usage.py): counts per day, key, model and language in <cache_dir>/usage.sqlite3,
+    # never prompt text; rows older than usage_retention_days go, and the oldest beyond usage_max_rows.
+    usage_reports: bool = True
+    usage_retention_days: int = 400
+    usage_max_rows: int = 100_000
 
     @property
     def connection_threads(self) -> int:
@@ -275,7 +280,8 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigError("threads must be at least 1")
     if settings.read_timeout <= 0:
         raise ConfigError("read_timeout must be more than 0")
-    for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes"):
+    for key in ("workers", "max_batch", "max_tokens_limit", "max_sequences", "max_request_bytes",
+                "usage_retention_days", "usage_max_rows"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     if settings.decode_step not in DECODE_STEPS:

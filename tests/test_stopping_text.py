@@ -6,7 +6,7 @@ import re
 import pytest
 
 from app.engine.params import Delta
-from app.engine.stopping import StopCondition, find_stop, held_back
+from app.engine.stopping import DedentStop, IndentStop, StopCondition, find_stop, held_back
 from app.engine.sequence import IncrementalDetokenizer, SequenceState
 
 EOS = 0  # an end-of-sequence id for StopCondition on its own
@@ -60,19 +60,30 @@ def test_held_back(text, stops, held):
 def test_stop_condition_reasons():
     """eos ids and stop strings give "stop", max_tokens gives "length", anything else continues."""
     cond = StopCondition(frozenset({EOS, 7}), max_tokens=5, stops=("\n\n",))
-    assert cond(EOS, 1, "abc") == (True, "stop", None)
-    assert cond(7, 1, "abc") == (True, "stop", None)
-    assert cond(42, 2, "a\n\nb") == (True, "stop", 1)
-    assert cond(42, 5, "abc") == (True, "length", None)
-    assert cond(42, 2, "abc\n") == (False, None, None)
+    assert cond(EOS, 1, "abc") == (True, "stop", None, "eos_token", str(EOS))
+    assert cond(7, 1, "abc") == (True, "stop", None, "eos_token", "7")
+    assert cond(42, 2, "a\n\nb") == (True, "stop", 1, "stop_string", "\n\n")
+    assert cond(42, 5, "abc") == (True, "length", None, "max_tokens", "5")
+    assert cond(42, 2, "abc\n")[:3] == (False, None, None)
+
+
+def test_stop_condition_names_the_rule_that_cut_first():
+    """The earliest cut wins and is named: a stop string before a dedent, a dedent before a later stop string."""
+    dedent = DedentStop("    ")
+    cond = StopCondition(frozenset({EOS}), max_tokens=50, stops=("xx", "b"), dedent=dedent)
+    assert cond(42, 3, "a = b\nreturn") == (True, "stop", 4, "stop_string", "b")
+    cond = StopCondition(frozenset({EOS}), max_tokens=50, stops=("zz",), dedent=dedent)
+    assert cond(42, 3, "a = 1\nreturn zz") == (True, "stop", 5, "trim_by_indentation", None)
+    cond = StopCondition(frozenset({EOS}), max_tokens=50, stops=(), dedent=IndentStop(4))
+    assert cond(42, 3, "a = 1\n  b")[3] == "n_indent"
 
 
 def test_stop_condition_priorities_and_start():
     """A stop at the last allowed token is "stop"; stops before ``start`` are not searched."""
     cond = StopCondition(frozenset({EOS}), max_tokens=3, stops=("\n\n",))
-    assert cond(EOS, 3, "abc") == (True, "stop", None)
-    assert cond(42, 3, "a\n\n") == (True, "stop", 1)
-    assert cond(42, 2, "a\n\nbc", start=3) == (False, None, None)
+    assert cond(EOS, 3, "abc")[:3] == (True, "stop", None)
+    assert cond(42, 3, "a\n\n")[:3] == (True, "stop", 1)
+    assert cond(42, 2, "a\n\nbc", start=3)[:3] == (False, None, None)
 
 
 # -- IncrementalDetokenizer -----------------------------------------------------
@@ -317,10 +328,10 @@ def test_stop_condition_with_time_budget_reports_length_and_the_cut():
 
     now = [0.0]
     cond = StopCondition(frozenset({EOS}), max_tokens=50, stops=("\n\n",), budget=TimeBudget(1.0, lambda: now[0]))
-    assert cond(42, 1, "x = 1") == (False, None, None)
+    assert cond(42, 1, "x = 1")[:3] == (False, None, None)
     now[0] = 2.0
-    assert cond(42, 2, "x = 1\ny") == (True, "length", len("x = 1\n"))
-    assert cond(EOS, 3, "x") == (True, "stop", None)
+    assert cond(42, 2, "x = 1\ny") == (True, "length", len("x = 1\n"), "time_budget", "1000 ms")
+    assert cond(EOS, 3, "x")[:3] == (True, "stop", None)
 
 
 def test_engine_time_budget_stops_a_completion_early(engine):

@@ -44,7 +44,8 @@ class AnswerCache:
         params = request.params
         sampled_unseeded = params.temperature != 0.0 and params.seed is None
         timed = any(seq.stop.budget is not None for seq in request.sequences)  # ends by the clock
-        if sampled_unseeded or timed or request.echo:
+        # A traced request (the debug page) is run, not replayed: its trace is of this run.
+        if sampled_unseeded or timed or request.echo or request.trace:
             return None
         # The client's prompt, not the anchored one: the same request is answered alike whatever the cache held.
         prompt = request.realigned.original if request.realigned else request.prompt_ids
@@ -71,7 +72,8 @@ class AnswerCache:
                 self._answers.popitem(last=False)
 
 
-_FINAL_STATE = ("index", "text", "token_ids", "sent", "generated", "cumulative_logprob", "finish_reason", "logprobs")
+_FINAL_STATE = ("index", "text", "token_ids", "sent", "generated", "cumulative_logprob", "finish_reason", "stopped_by",
+                "logprobs")
 
 
 def _snapshot(seq: SequenceState) -> dict:

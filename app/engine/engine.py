@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -124,10 +123,13 @@ class Engine:
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
                 best_of: int | None = None, echo: bool = False, request_id: str = "local",
-                context: PromptContext | None = None) -> Request:
-        """One prompt (with repository context) as a runnable request (raises an EngineError when it cannot run)."""
+                context: PromptContext | None = None, trace: bool = False) -> Request:
+        """One prompt (with repository context) as a runnable request (raises an EngineError when it cannot run).
+
+        ``trace``: every generated token's logprob and top alternatives are noted, whatever ``params`` ask.
+        """
         return self.preparer.prepare(prompt, params, suffix=suffix, n=n, best_of=best_of, echo=echo,
-                                     request_id=request_id, context=context)
+                                     request_id=request_id, context=context, trace=trace)
 
     def admit(self) -> Ticket:
         """A place for one client request, or :class:`EngineBusy` when running and waiting are full."""
@@ -217,15 +219,18 @@ class Engine:
         for index in range(request.n):
             yield Delta(index, request.prompt, request.echo_logprobs)
 
-    def prompt_logprobs(self, request: Request) -> list[TokenLogprob]:
-        """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs``."""
+    def prompt_logprobs(self, request: Request, alternatives: int | None = None) -> list[TokenLogprob]:
+        """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs`` (run it on the scheduler's thread).
+
+        ``alternatives``: how many top alternatives per token (default: the request's ``logprobs``).
+        """
         ids, text = list(request.prompt_ids), self.preparer.token_text
         offsets = [len(self.decode(ids[:i])) for i in range(len(ids))]
         entries = [TokenLogprob(text(ids[0]), None, (), offsets[0])]
         if self.preparer.is_seq2seq:  # encoder input: the model gives it no probabilities
             return entries + [TokenLogprob(text(t), None, (), o) for t, o in zip(ids[1:], offsets[1:])]
         scores = self.runner.score(ids)
-        k = request.params.logprobs or 0
+        k = (request.params.logprobs or 0) if alternatives is None else alternatives
         for pos in range(1, len(ids)):
             row = scores[pos - 1]
             top = ()
@@ -244,22 +249,21 @@ class Engine:
                      request.id, request.healing.text, len(request.healing.allowed))
 
     def _log_timing(self, request: Request) -> None:
-        t = request.timings
         generated = sum(seq.generated for seq in request.sequences)
-        end = t.finished or time.perf_counter()
-        queued = ((t.started or end) - t.submitted) * 1000
-        ttft = (t.first_token - t.submitted) * 1000 if t.first_token else float("nan")
-        rate = ((generated - len(request.sequences)) / (end - t.first_token)
-                if t.first_token and end > t.first_token else float("nan"))
+        t = request.timings.breakdown(generated, len(request.sequences))
+        nan = float("nan")
         running, waiting = self.scheduler.load
         cancelled = request.outcome not in ("done", "failed")
         spec = request.draft_stats
         drafts = f", drafts {spec.accepted}/{spec.drafted} tokens accepted" if spec.drafted else ""
         log.info("[%s] %s: %d prompt tokens (%d reused), %d generated, queued %.0f ms, first token %.0f ms, "
                  "%.1f tok/s, total %.0f ms%s%s (batch: %d running, %d waiting)", request.id, self.name,
-                 len(request.prompt_ids), request.reused, generated, queued, ttft, rate, (end - t.submitted) * 1000,
-                 drafts, ", cancelled" if cancelled else "", running, waiting)
+                 len(request.prompt_ids), request.reused, generated, t.queued_ms or 0.0,
+                 nan if t.first_token_ms is None else t.first_token_ms,
+                 nan if t.tokens_per_second is None else t.tokens_per_second, t.total_ms, drafts, ", cancelled" if cancelled else "", running, waiting)
         if self.options.debug:
             for seq in request.sequences:
-                log.info("[%s] sequence %d: finish_reason=%s after %d tokens, stops=%r, ids=%s, text=%r", request.id,
-                         seq.index, seq.finish_reason, seq.generated, seq.stop.stops, seq.token_ids, seq.text)
+                rule = seq.stopped_by.rule if seq.stopped_by else None
+                log.info("[%s] sequence %d: finish_reason=%s (rule %s) after %d tokens, stops=%r, ids=%s, text=%r",
+                         request.id, seq.index, seq.finish_reason, rule, seq.generated, seq.stop.stops, seq.token_ids,
+                         seq.text)

@@ -27,6 +27,7 @@ from .speculative import PromptLookup, ngram_index
 from .stopping import DedentStop, IndentStop, StopCondition, TimeBudget
 
 log = logging.getLogger(__name__)
+TRACE_ALTERNATIVES = 5  # top alternatives a traced request notes per token (OpenAI's logprobs maximum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +175,11 @@ class Preparer:
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
                 best_of: int | None = None, echo: bool = False, request_id: str = "local",
-                context: PromptContext | None = None) -> Request:
+                context: PromptContext | None = None, trace: bool = False) -> Request:
         """Tokenize and check one prompt (with repository ``context`` in front) against this model; build its request.
 
-        Raises an EngineError when it cannot run on this model.
+        Raises an EngineError when it cannot run on this model. A ``trace`` request notes every token's
+        logprob and alternatives without changing what is generated (healing stays on).
         """
         # An echoed prompt is the client's text back, so it is never cut.
         truncate = self.options.truncate_prompts and not echo
@@ -186,8 +188,8 @@ class Preparer:
         # file, an API caller's prompt) is never cut: anchoring it would only lose context (on Copilot-shaped
         # prompts of files within its budget: 47% of answers changed, none more often right; bench.fidelity).
         text, known_ids = (prompt, None) if echo else self._anchor_below_head(prompt)
-        ids, used_fim, truncated = self._prompt_ids(text, suffix, params.max_tokens, truncate, request_id,
-                                                    None if echo else context, known_ids)
+        ids, used_fim, cut, left_out = self._prompt_ids(text, suffix, params.max_tokens, truncate, request_id,
+                                                        None if echo else context, known_ids)
         # An echoed prompt's logprobs are of the client's own tokens.
         realigned = None if echo else self._realign(ids, self.prompt_budget(params.max_tokens, truncate), request_id)
         ids = list(realigned.ids) if realigned else ids
@@ -201,11 +203,14 @@ class Preparer:
             ids, healing = self.healer.heal(ids)
         runs = max(n, best_of or 1)
         allowed = healing.allowed if healing else None
-        sequences = [self._sequence(i, prompt, ids, params, healing.text if healing else "") for i in range(runs)]
-        chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed)
+        sequences = [self._sequence(i, prompt, ids, params, healing.text if healing else "", trace)
+                     for i in range(runs)]
+        alternatives = max(params.logprobs or 0, TRACE_ALTERNATIVES) if trace else None
+        chooser = TokenChooser(params, self.vocab_size, runs, self.device, first_allowed=allowed,
+                               alternatives=alternatives)
         return Request(request_id, prompt, tuple(ids), params, sequences, chooser, n=n, echo=echo,
-                       used_fim=used_fim, healing=healing, realigned=realigned, truncated=truncated,
-                       drafters=self._drafters(ids, chooser, runs))
+                       used_fim=used_fim, healing=healing, realigned=realigned, truncation=cut,
+                       context_left_out=left_out, drafters=self._drafters(ids, chooser, runs), trace=trace)
 
     def _drafters(self, ids: list[int], chooser: TokenChooser, runs: int) -> list[PromptLookup] | None:
         """Prompt-lookup drafters for the sequences, when they speculate (greedy, decoder-only, enabled)."""
@@ -250,8 +255,9 @@ class Preparer:
 
     def _prompt_ids(self, prompt: str, suffix: str | None, max_tokens: int, truncate: bool, request_id: str,
                     context: PromptContext | None = None,
-                    known_ids: list[int] | None = None) -> tuple[list[int], bool, bool]:
-        """The model prompt's ids within the window (truncated when allowed), whether FIM was used and anything cut."""
+                    known_ids: list[int] | None = None) -> tuple[list[int], bool, Truncation, int]:
+        """The model prompt's ids within the window (truncated when allowed), whether FIM was used, what was cut
+        from the prompt's ends and how many context chunks were left out."""
         budget = self.prompt_budget(max_tokens, truncate)
         if budget < 1 or (max_tokens > self.context_length and not truncate):
             raise PromptTooLong(len(self.tokenizer(prompt)["input_ids"]), max_tokens, self.context_length)
@@ -273,7 +279,7 @@ class Preparer:
             ids = [bos if bos is not None else min(self.eos_ids, default=0)]
         if len(ids) > budget:
             raise PromptTooLong(len(ids), max_tokens, self.context_length)
-        return ids, used_fim, bool(cut) or left_out > 0
+        return ids, used_fim, cut, left_out
 
     def _fit_max_tokens(self, params: SamplingParams, prompt_tokens: int, truncate: bool,
                         request_id: str) -> SamplingParams:
@@ -293,7 +299,7 @@ class Preparer:
                 param="logit_bias")
 
     def _sequence(self, index: int, prompt: str, ids: list[int], params: SamplingParams,
-                  healed: str) -> SequenceState:
+                  healed: str, trace: bool = False) -> SequenceState:
         """One sequence's state: its detokenizer, its stops, its logprob offsets."""
         # The decoder continues the prompt, except in seq2seq models where it starts afresh.
         context = ids if not self.is_seq2seq or self.config.decoder_prompt else ()
@@ -306,7 +312,7 @@ class Preparer:
         budget_ms = self.options.time_budget_ms if params.time_budget_ms is None else params.time_budget_ms
         budget = TimeBudget(budget_ms / 1000) if budget_ms > 0 else None
         stop = StopCondition(self.eos_ids, params.max_tokens, self.stop_strings + params.stop, dedent, budget)
-        token_text = self.token_text if params.logprobs is not None else None
+        token_text = self.token_text if params.logprobs is not None or trace else None
         # text_offset counts from the start of the prompt, as OpenAI's does; the healed text is never sent.
         return SequenceState(index, IncrementalDetokenizer(self.decode, context), stop, token_text,
                              offset_base=len(prompt), skip=healed)

@@ -20,9 +20,11 @@ from .anchor import Realignment
 from .errors import RequestTimedOut, ServerStopping
 from .healing import Healing
 from .params import Delta, SamplingParams, SequenceResult, TokenLogprob
+from .prompts import Truncation
 from .sampling import Picks, TokenChooser
 from .sequence import SequenceState
 from .speculative import DraftStats, PromptLookup, verify
+from .stopping import StopDecision
 
 log = logging.getLogger(__name__)
 DONE = object()  # put on a request's queue after its last deltas
@@ -51,6 +53,17 @@ class Watch:
         return self.client_gone is None and self.deadline is None and self.stopping is None
 
 
+@dataclass(frozen=True)
+class TimingBreakdown:
+    """One request's timings in milliseconds (None: the step never happened, e.g. answered from the answer cache)."""
+
+    queued_ms: float | None  # submitted until its prefill began
+    prefill_ms: float | None  # its prefill began until the first token
+    first_token_ms: float | None  # submitted until the first token
+    total_ms: float
+    tokens_per_second: float | None  # tokens after the first, over the time after it
+
+
 @dataclass
 class Timings:
     """perf_counter() marks of one request's way through the engine."""
@@ -60,6 +73,17 @@ class Timings:
     first_token: float | None = None
     finished: float | None = None
 
+    def breakdown(self, generated: int, sequences: int) -> TimingBreakdown:
+        """The marks as durations; ``generated`` tokens over ``sequences`` (each one's first came with the prefill)."""
+        end = self.finished or time.perf_counter()
+        submitted = self.submitted or end
+        queued = ((self.started or end) - submitted) * 1000 if self.submitted else None
+        first = self.first_token
+        rate = (generated - sequences) / (end - first) if first and end > first else None
+        return TimingBreakdown(queued, (first - self.started) * 1000 if first and self.started else None,
+                               (first - submitted) * 1000 if first and self.submitted else None,
+                               (end - submitted) * 1000, rate)
+
 
 class Request:
     """One prompt to complete: what to do, its sequences while they run, and the queue of its deltas."""
@@ -67,14 +91,17 @@ class Request:
     def __init__(self, request_id: str, prompt: str, prompt_ids: tuple[int, ...], params: SamplingParams,
                  sequences: list[SequenceState], chooser: TokenChooser, *, n: int, echo: bool = False,
                  used_fim: bool = False, healing: Healing | None = None, realigned: Realignment | None = None,
-                 truncated: bool = False, drafters: list[PromptLookup] | None = None):
+                 truncation: Truncation = Truncation(), context_left_out: int = 0,
+                 drafters: list[PromptLookup] | None = None, trace: bool = False):
         self.id = request_id
         self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
         self.n = n  # choices returned; more sequences than that run for best_of
         self.sequences, self.chooser = sequences, chooser
         self.echo, self.used_fim, self.healing = echo, used_fim, healing
         self.realigned = realigned  # when the prompt was made to begin like a cached one (see anchor.py)
-        self.truncated = truncated  # the prompt or its repository context was cut to fit the window
+        self.truncation = truncation  # tokens cut from the prompt's far ends to fit the window
+        self.context_left_out = context_left_out  # repository context chunks left out to fit it
+        self.trace = trace  # its sequences note every token's logprob and alternatives (the debug page)
         # One per sequence (same order) when its sequences speculate (greedy; see speculative.py), else None.
         self.drafters = drafters
         self.draft_stats = DraftStats()  # its drafts fed, and the tokens the model agreed with
@@ -87,6 +114,11 @@ class Request:
         self.outcome: str | None = None  # how its reader's wait ended: "done", "failed" or "gone"
         self._out: queue.SimpleQueue = queue.SimpleQueue()  # lists of deltas, then DONE or an exception
         self._claimed = False
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the prompt or its repository context was cut to fit the window."""
+        return bool(self.truncation) or self.context_left_out > 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -220,6 +252,7 @@ class Request:
         """No tokens were asked for (max_tokens 0): every sequence ends at once, for "length"."""
         for seq in self.returned():
             seq.finish_reason = "length"
+            seq.stopped_by = StopDecision(True, "length", rule="max_tokens", detail="0")
         return [Delta(seq.index, "", (), "length") for seq in self.returned()]
 
     def fail(self, exc: BaseException) -> None:

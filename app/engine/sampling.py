@@ -116,14 +116,15 @@ class TokenChooser:
     """Applies the processor chain, then picks greedily (temperature 0) or by seeded sampling."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, batch: int, device: torch.device,
-                 first_allowed: tuple[int, ...] | None = None):
+                 first_allowed: tuple[int, ...] | None = None, alternatives: int | None = None):
         self.greedy = params.temperature < MIN_TEMPERATURE
         self.device = device
         self.first_mask = None  # token healing: only these ids may come first
         if first_allowed is not None:
             self.first_mask = torch.full((vocab_size,), float("-inf"), device=device)
             self.first_mask[torch.tensor(first_allowed, dtype=torch.long, device=device)] = 0.0
-        self.top_k = params.logprobs or 0
+        # Alternatives reported per token: the client's logprobs, or more for a traced request.
+        self.top_k = (params.logprobs or 0) if alternatives is None else alternatives
         self.processors = build_processors(params, vocab_size, device)
         self.counts = None
         if params.presence_penalty or params.frequency_penalty:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .params import Delta, SequenceResult, TokenLogprob
-from .stopping import StopCondition
+from .stopping import StopCondition, StopDecision
 
 
 class IncrementalDetokenizer:
@@ -64,6 +64,7 @@ class SequenceState:
         self.generated = 0
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
+        self.stopped_by: StopDecision | None = None  # the decision that ended it: rule, what it matched, the cut
         self.pending: list[TokenLogprob] = []
         self.logprobs: list[TokenLogprob] = []
 
@@ -94,6 +95,7 @@ class SequenceState:
             if self.skip:
                 return None
             return self._emit(len(self.text) - self.stop.hold(self.text[self.sent:]), None)
+        self.stopped_by = decision
         if decision.cut is not None:
             self.text = self.text[:decision.cut]
             self.pending = [e for e in self.pending if e.offset - self.offset_base < decision.cut]

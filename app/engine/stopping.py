@@ -7,8 +7,14 @@ from typing import Callable, NamedTuple
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     """Index of the earliest stop string in ``text[start:]`` (as an index into ``text``), or None."""
-    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
+    found = first_stop(text, stops, start)
+    return found[0] if found else None
+
+
+def first_stop(text: str, stops: tuple[str, ...], start: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in ``text[start:]``: its index into ``text`` and the string itself; None: none."""
+    hits = [(i, s) for i, s in ((text.find(s, start), s) for s in stops if s) if i >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -129,11 +135,23 @@ class TimeBudget:
 
 
 class StopDecision(NamedTuple):
-    """After one token: whether the sequence is done, why (``"stop"`` or ``"length"``), and where its text ends."""
+    """After one token: whether the sequence is done, why (``"stop"`` or ``"length"``), and where its text ends.
+
+    ``rule`` names the rule that ended it (one of :data:`STOP_RULES`) and ``detail`` what it matched
+    (the stop string, the end-of-sequence token's id), for the debug log and the debug page.
+    """
 
     done: bool
     reason: str | None = None
     cut: int | None = None  # the text's end when a stop string or a dedent cuts it
+    rule: str | None = None
+    detail: str | None = None
+
+
+# eos_token: an end-of-sequence id (the model's, or a configured stop written as a special token);
+# stop_string: a client's or the model's stop text; trim_by_indentation: Copilot's dedent stop; n_indent:
+# llama.cpp's; max_tokens: the token limit; time_budget: a line ended after the time budget.
+STOP_RULES = ("eos_token", "stop_string", "trim_by_indentation", "n_indent", "max_tokens", "time_budget")
 
 
 GO_ON = StopDecision(False)
@@ -162,20 +180,29 @@ class StopCondition:
     def __call__(self, token_id: int, generated: int, text: str, start: int = 0) -> StopDecision:
         """Check the newest token; ``text`` is all text so far, searched for stops from ``start``."""
         cut = self._cut(text, start)
-        if token_id in self.eos_ids or cut is not None:
-            return StopDecision(True, "stop", cut)
+        if token_id in self.eos_ids:
+            return StopDecision(True, "stop", cut[0] if cut else None, "eos_token", str(token_id))
+        if cut is not None:
+            return StopDecision(True, "stop", *cut)
         if generated >= self.max_tokens:
-            return StopDecision(True, "length")
+            return StopDecision(True, "length", rule="max_tokens", detail=str(self.max_tokens))
         line_end = self.budget.cut(text) if self.budget else None
         if line_end is not None:
-            return StopDecision(True, "length", line_end)
+            return StopDecision(True, "length", line_end, "time_budget", f"{self.budget.seconds * 1000:.0f} ms")
         return GO_ON
 
-    def _cut(self, text: str, start: int) -> int | None:
-        """Where the text ends because of a stop string (searched from ``start``) or a dedent; None: nowhere."""
-        cuts = [find_stop(text, self.stops, start) if self.stops else None,
-                self.dedent.find(text) if self.dedent else None]
-        return min((c for c in cuts if c is not None), default=None)
+    def _cut(self, text: str, start: int) -> tuple[int, str, str | None] | None:
+        """Where the text ends because of a stop string (searched from ``start``) or a dedent, with the rule
+        and what it matched; None: nowhere."""
+        cuts = []
+        found = first_stop(text, self.stops, start) if self.stops else None
+        if found is not None:
+            cuts.append((found[0], "stop_string", found[1]))
+        dedent = self.dedent.find(text) if self.dedent else None
+        if dedent is not None:
+            rule = "trim_by_indentation" if isinstance(self.dedent, DedentStop) else "n_indent"
+            cuts.append((dedent, rule, None))
+        return min(cuts, key=lambda cut: cut[0], default=None)
 
     def hold(self, unsent: str) -> int:
         """How much of the unsent text's tail to hold back: it could still become a stop."""
