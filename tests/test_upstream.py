@@ -319,3 +319,19 @@ def test_llama_vscode_infill_on_an_upstream_entry(up_client, up_engines, upstrea
     assert response.get_json()["content"] == "return a + b"
     sent = upstream.bodies[0]["prompt"]
     assert engine.tokenizer.decode(sent, skip_special_tokens=False).count("import math") == 1
+
+
+def test_debug_page_api_on_an_upstream_entry(up_client, up_engines, upstream):
+    """The debug API traces an upstream completion: its tokens with the upstream's logprobs and alternatives,
+    the stop rule, the prompt's tokens unscored (no local logits)."""
+    engine = up_engines["up"]
+    tokens = ids_of(engine, "x = 1")
+    upstream.script = Script(tokens=tokens)
+    response = up_client.post("/ui/api/complete", json={"body": {"model": "up", "prompt": "#", "max_tokens": 3}})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    (prompt,) = response.get_json()["prompts"]
+    assert all(token["logprob"] is None for token in prompt["tokens"])
+    (choice,) = prompt["choices"]
+    assert [token["logprob"] for token in choice["tokens"]] == [-0.5] * 3
+    assert choice["stop"]["rule"] == "max_tokens"
+    assert upstream.bodies[0]["logprobs"] == 5

@@ -219,6 +219,10 @@ class Engine:
         for index in range(request.n):
             yield Delta(index, request.prompt, request.echo_logprobs)
 
+    def score_prompt(self, request: Request, alternatives: int) -> list[TokenLogprob] | None:
+        """The prompt's own tokens' logprobs (with ``alternatives`` each), computed on the scheduler's thread."""
+        return self.scheduler.call(lambda: self.prompt_logprobs(request, alternatives))
+
     def prompt_logprobs(self, request: Request, alternatives: int | None = None) -> list[TokenLogprob]:
         """Logprobs of the prompt's own tokens, for ``echo`` with ``logprobs`` (run it on the scheduler's thread).
 

@@ -29,7 +29,7 @@ from config import EngineOptions, ModelConfig
 from .engine import Admission, EngineStats, Ticket
 from .errors import (InvalidParameter, UpstreamBusy, UpstreamMisconfigured, UpstreamRejected, UpstreamUnavailable)
 from .params import Delta, PromptContext, SamplingParams, SequenceResult
-from .prepare import ModelFacts, Preparer
+from .prepare import TRACE_ALTERNATIVES, ModelFacts, Preparer
 from .request import Request, Watch
 from .sequence import SequenceState
 
@@ -250,13 +250,16 @@ class UpstreamEngine:
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
                 best_of: int | None = None, echo: bool = False, request_id: str = "local",
-                context: PromptContext | None = None) -> Request:
-        """One prompt as a request; echo with logprobs is refused (the prompt's logprobs need local logits)."""
+                context: PromptContext | None = None, trace: bool = False) -> Request:
+        """One prompt as a request; echo with logprobs is refused (the prompt's logprobs need local logits).
+
+        ``trace`` (the debug page) asks the upstream for each token's top alternatives too.
+        """
         if echo and params.logprobs is not None:
             raise InvalidParameter(f"model {self.name!r} runs on an upstream server: echo with logprobs is not "
                                    "available for it", param="echo")
         return self.preparer.prepare(prompt, params, suffix=suffix, n=n, best_of=best_of, echo=echo,
-                                     request_id=request_id, context=context)
+                                     request_id=request_id, context=context, trace=trace)
 
     def admit(self) -> Ticket:
         """A place for one client request, or EngineBusy when this worker holds enough for this model."""
@@ -304,6 +307,10 @@ class UpstreamEngine:
             pass
         return request.results()
 
+    def score_prompt(self, request: Request, alternatives: int) -> None:
+        """None: scoring the prompt needs this process's logits (the upstream's are not asked for)."""
+        return None
+
     def stats(self) -> EngineStats:
         """Load figures and the upstream's calls, errors and times since this worker started."""
         c = self.counters
@@ -341,7 +348,8 @@ class UpstreamEngine:
         body: dict = {"prompt": list(request.prompt_ids), "max_tokens": params.max_tokens, "stream": True,
                       "temperature": params.temperature, "top_p": params.top_p,
                       # ids come back with the logprobs (llama-server: always; vLLM: as "token_id:N").
-                      "logprobs": max(params.logprobs or 0, 1), "return_tokens_as_token_ids": True,
+                      "logprobs": max(params.logprobs or 0, TRACE_ALTERNATIVES if request.trace else 1),
+                      "return_tokens_as_token_ids": True,
                       # vLLM ends at these ids itself; stops are decided here in any case.
                       "stop_token_ids": sorted(self.preparer.eos_ids), "skip_special_tokens": False}
         if self.config.upstream_model:

@@ -189,7 +189,7 @@ def prompt_tokens(engine: Engine, request: Request, with_logprobs: bool) -> list
     ids = list(request.prompt_ids)
     scored: list[TokenLogprob | None] = [None] * len(ids)
     if with_logprobs and ids:
-        scored = engine.scheduler.call(lambda: engine.prompt_logprobs(request, TRACE_ALTERNATIVES))
+        scored = engine.score_prompt(request, TRACE_ALTERNATIVES) or scored
     text = engine.preparer.token_text
     return [{"id": token, "text": text(token), "special": token in special,
              "logprob": entry.logprob if entry else None, "top": _alternatives(entry.top) if entry else []}
