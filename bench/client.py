@@ -243,7 +243,10 @@ CACHE_METRICS = {"hits": "fauxpilot_prefix_cache_hits", "misses": "fauxpilot_pre
 def cache_counters(text: str | None) -> dict[str, float | None]:
     """Prefix-cache hits, misses and finished requests from one /metrics text; None for each one absent."""
     sums = metric_sums(text) if text else {}
-    return {key: sums.get(name) for key, name in CACHE_METRICS.items()}
+    counters = {key: sums.get(name) for key, name in CACHE_METRICS.items()}
+    if counters["requests"] is None and counters["hits"] is not None:  # ours before its first finished request
+        counters["requests"] = 0.0
+    return counters
 
 
 def read_cache_counters(urls: list[str]) -> list[dict[str, float | None]]:
