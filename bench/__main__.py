@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pause-s", type=float, default=4.0, help="llama.vscode: seconds of a pause (default 4)")
     add("--ring-files", type=int, default=8, help="llama.vscode: files visited before, a ring chunk each (default 8)")
     add("--seed", type=int, default=13, help="seed of the plugins' random choices (default 13)")
+    add("--editors", type=int, default=1,
+        help="developers typing at once in each session, each from its own address and file (default 1)")
     add("--llama-server", help="llama-server binary (default: $LLAMA_SERVER_BIN, the one "
                                "`python -m bench.llama_server build` made, or one on PATH)")
     add("--awaited", type=int, help="awaited keystroke answers per system (default 24)")
@@ -180,6 +182,8 @@ def run_system(name: str, model: ModelFiles, corpus: Corpus, prompts: dict[str, 
     try:
         print(f"   ready at {server.url} after {ready_s:.1f} s; warming up", flush=True)
         warm_up(server, prompts["warm"], args.timeout)
+        for part in server.parts:  # through a proxy the warm-up reached one instance: warm each one
+            warm_up(part, prompts["warm"], args.timeout)
         run_workloads(server, corpus, prompts, banned, args, figures)
         run_sessions(server, corpus, model, args, figures)
     except Exception as exc:  # keep what was measured; the other systems still run
@@ -242,7 +246,8 @@ def session_options(args: argparse.Namespace, model: ModelFiles) -> SessionOptio
                           timeout_s=args.timeout, pause_every=args.pause_every, pause_s=args.pause_s,
                           ring_files=args.ring_files, seed=args.seed, context_window=model_window(model.folder),
                           edit_file=args.edit_file, edit_line=args.edit_line, edit_tokens=args.edit_tokens,
-                          edit_context=args.edit_context, edit_suffix_lines=args.edit_suffix_lines)
+                          edit_context=args.edit_context, edit_suffix_lines=args.edit_suffix_lines,
+                          editors=args.editors)
 
 
 def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argparse.Namespace,
@@ -253,7 +258,8 @@ def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argpar
     figures["sessions"] = {}
     options = session_options(args, model)
     for client in args.sessions:
-        print(f"   editor session {client}: {options.awaited} bursts of {options.burst} keystrokes", flush=True)
+        print(f"   editor session {client}: {options.awaited} bursts of {options.burst} keystrokes"
+              f"{f', {options.editors} editors at once' if options.editors > 1 else ''}", flush=True)
         figures["sessions"][client] = s = run_session(client, server, corpus, options)
         if s["status"] != "ok":
             print(f"   -> {s['status']}", flush=True)
@@ -262,11 +268,18 @@ def run_sessions(server: Server, corpus: Corpus, model: ModelFiles, args: argpar
               f"{_r(s['ttft_p50_ms'])} ms; full prefills {s['full_prefills']} of {s['counted']} counted; reused "
               f"{s['reused_tokens']} of {s['prompt_tokens']} prompt tokens; requests {s['requests']}; "
               f"timeouts {s['timeouts']}, errors {s['errors']} ({s['seconds']:.0f} s)", flush=True)
+        cache = s["cache"]
+        if cache["hits"] is not None:
+            spread = ", ".join(str(part["requests"]) for part in cache["per_instance"])
+            print(f"      prefix cache: {cache['hits']} hits, {cache['misses']} misses (hit rate "
+                  f"{_r(100 * cache['hit_rate'] if cache['hit_rate'] is not None else None)} %); requests per "
+                  f"instance {spread}", flush=True)
         if s["decode_tok_s"] is not None or s["spec"]["steps"] is not None:
             spec = s["spec"]
             print(f"      decode p50 {_r(s['decode_tok_s'], 1)} tok/s; draft tokens accepted {_r(spec['accepted'])} "
                   f"of {_r(spec['drafted'])} in {_r(spec['steps'])} steps", flush=True)
-        drain(server)
+        for part in server.parts or [server]:
+            drain(part)
 
 
 def settings_line(args: argparse.Namespace) -> str:
@@ -286,7 +299,8 @@ def settings_line(args: argparse.Namespace) -> str:
     if set(args.workloads) & {"keystroke", "cold", "load"}:  # decode has its own --decode-tokens
         parts.append(f"{args.max_tokens} new tokens")
     if args.sessions:
-        parts.append(f"editor sessions ({', '.join(args.sessions)}): {args.session_awaited} awaited answers each, "
+        parts.append(f"editor sessions ({', '.join(args.sessions)}): {args.editors} editor(s) at once, "
+                     f"{args.session_awaited} awaited answers each, "
                      f"bursts of {args.burst} keystrokes of {args.chars_per_step} chars {args.window_ms:g} ms apart, "
                      f"from line {args.session_line} (edit: its own file and line); request cap {args.timeout:g} s")
     if "edit" in args.sessions:

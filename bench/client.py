@@ -99,19 +99,24 @@ def get_text(url: str, path: str, timeout: float = 10.0) -> str | None:
 
 
 def complete(url: str, body: dict[str, Any], stream: bool, *, limit: float, abandon: bool = False,
-             path: str = "/v1/completions") -> Outcome:
+             path: str = "/v1/completions", headers: dict[str, str] | None = None,
+             source: str | None = None) -> Outcome:
     """POST one completion to ``url`` + ``path`` (/v1/completions, or llama.cpp's /infill); give up after ``limit`` s.
 
     Giving up closes the connection, which is how an editor cancels a request; the
-    outcome is ABANDONED when ``abandon`` (a planned cancel), else TIMEOUT.
+    outcome is ABANDONED when ``abandon`` (a planned cancel), else TIMEOUT. ``headers`` are the
+    client's own (its key, Copilot's session ids); ``source`` is the local address to send from
+    (a loopback address per simulated developer machine, so a proxy sees them apart).
     """
     parts = urlsplit(url)
     deadline = _Deadline(limit)
     started = time.perf_counter()
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit,
+                                      source_address=(source, 0) if source else None)
     try:
         payload = json.dumps({**body, "stream": stream}).encode()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json",
+                   **(headers or {})}
         conn.request("POST", parts.path.rstrip("/") + path, payload, headers)
         deadline.arm(conn)
         response = conn.getresponse()
@@ -210,9 +215,11 @@ def spec_counters(text: str | None) -> dict[str, float | None]:
     return {key: sums.get(name, sums.get(name.removesuffix("_total"))) for key, name in SPEC_METRICS.items()}
 
 
-def read_spec_counters(url: str) -> dict[str, float | None]:
-    """The server's speculation counters now (all None when it has no /metrics or no such counters)."""
-    return spec_counters(get_text(url, "/metrics"))
+def read_spec_counters(urls: str | list[str]) -> dict[str, float | None]:
+    """The server's speculation counters now, summed over its instances (None where one lacks a counter)."""
+    readings = [spec_counters(get_text(url, "/metrics")) for url in ([urls] if isinstance(urls, str) else urls)]
+    return {key: None if any(r[key] is None for r in readings) else sum(r[key] for r in readings)
+            for key in SPEC_METRICS}
 
 
 def spec_delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, Any]:
@@ -225,3 +232,39 @@ def spec_delta(before: dict[str, float | None], after: dict[str, float | None]) 
     delta["accepted_per_step"] = accepted / steps if accepted is not None and steps else None
     delta["acceptance"] = accepted / drafted if accepted is not None and drafted else None
     return delta
+
+
+# The prefix-cache counters of our server's /metrics (prompts that started from a cached prefix, and those
+# that found none), and its finished requests: summed over a server's workers, and here over its instances.
+CACHE_METRICS = {"hits": "fauxpilot_prefix_cache_hits", "misses": "fauxpilot_prefix_cache_misses",
+                 "requests": "fauxpilot_requests_total"}
+
+
+def cache_counters(text: str | None) -> dict[str, float | None]:
+    """Prefix-cache hits, misses and finished requests from one /metrics text; None for each one absent."""
+    sums = metric_sums(text) if text else {}
+    counters = {key: sums.get(name) for key, name in CACHE_METRICS.items()}
+    if counters["requests"] is None and counters["hits"] is not None:  # ours before its first finished request
+        counters["requests"] = 0.0
+    return counters
+
+
+def read_cache_counters(urls: list[str]) -> list[dict[str, float | None]]:
+    """The cache counters of each instance in ``urls`` now (all None for one without /metrics or the counters)."""
+    return [cache_counters(get_text(url, "/metrics")) for url in urls]
+
+
+def cache_delta(before: list[dict[str, float | None]], after: list[dict[str, float | None]]) -> dict[str, Any]:
+    """Growth of the cache counters, summed and per instance, with the hit rate; None where unknown."""
+    per_instance = []
+    for b, a in zip(before, after):
+        per_instance.append({key: None if a.get(key) is None else int(round(a[key] - (b.get(key) or 0)))
+                             for key in CACHE_METRICS})
+    total: dict[str, Any] = {}
+    for key in CACHE_METRICS:
+        values = [p[key] for p in per_instance]
+        total[key] = None if not values or any(v is None for v in values) else sum(values)
+    looked_up = (total["hits"] or 0) + (total["misses"] or 0)
+    total["hit_rate"] = total["hits"] / looked_up if total["hits"] is not None and looked_up else None
+    total["per_instance"] = per_instance
+    return total

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Callable
@@ -202,6 +203,20 @@ def copilot_body(prompt: CopilotPrompt, doc: Doc) -> dict[str, Any]:
         extra["context"] = prompt.context
     return {"prompt": prompt.prefix, "suffix": prompt.suffix, "max_tokens": COPILOT_MAX_TOKENS, "top_p": 1,
             "n": 1, "stop": list(COPILOT_PYTHON_STOPS), "extra": extra}
+
+
+def copilot_headers(rng: random.Random) -> dict[str, str]:
+    """The headers that name one Copilot editor session (docs: /work/shared/copilot-requests.md).
+
+    copilot-language-server sends ``VScode-SessionId`` (the same for the whole editor session),
+    ``VScode-MachineId`` (the same for the machine) and a short-lived token as the Bearer value
+    (renewed about every 30 minutes, so it is no key to a session); the ids are made up here.
+    """
+    session = f"{uuid.UUID(int=rng.getrandbits(128), version=4)}{rng.randrange(10 ** 12, 10 ** 13)}"
+    token = f"tid={rng.getrandbits(128):032x};exp={rng.randrange(10 ** 9, 2 * 10 ** 9)};sku=free_limited_copilot"
+    return {"Authorization": f"Bearer {token}", "VScode-SessionId": session,
+            "VScode-MachineId": f"{rng.getrandbits(256):064x}", "OpenAI-Intent": "copilot-ghost",
+            "Editor-Version": "vscode/1.106.0", "User-Agent": "GithubCopilot/1.539.0"}
 
 
 # --- Continue (continuedev/continue, core/autocomplete) ---------------------------------------------------------

@@ -310,6 +310,16 @@ def _session_cell(metric: str, s: Figures | None) -> str:
     if metric == "full":
         per100 = s.get("full_prefills_per_100")
         return "— (no token counts)" if per100 is None else f"{per100:.1f} ({s['full_prefills']} of {s['counted']})"
+    if metric == "cache":
+        cache = s.get("cache") or {}
+        if cache.get("hit_rate") is None:
+            return "—"
+        return f"{cache['hit_rate']:.0%} ({cache['hits']} of {cache['hits'] + cache['misses']})"
+    if metric == "spread":
+        parts = (s.get("cache") or {}).get("per_instance") or []
+        if not parts or any(part.get("requests") is None for part in parts):
+            return "—"
+        return " / ".join(str(part["requests"]) for part in parts)
     if metric == "reused":
         if not s.get("prompt_tokens"):
             return "—"
@@ -325,7 +335,8 @@ def _session_cell(metric: str, s: Figures | None) -> str:
 SESSION_ROWS = (("awaited latency p50 / p95 (ms)", "latency"), ("first token p50 (ms)", "ttft"),
                 ("decode tok/s p50 (first to last token)", "decode"),
                 ("draft tokens accepted / drafted", "spec"),
-                ("full prefills per 100 requests", "full"), ("reused prompt tokens", "reused"),
+                ("full prefills per 100 requests", "full"), ("prefix-cache hit rate (/metrics)", "cache"),
+                ("requests per instance (/metrics)", "spread"), ("reused prompt tokens", "reused"),
                 ("requests", "requests"), ("fidelity", "fidelity"))
 
 
@@ -376,7 +387,10 @@ def sessions_section(systems: dict[str, Figures], clients: list[str]) -> str:
     """The editor sessions: table, definitions, targets."""
     notes = ("A full prefill is an answered request that reused less than half of its prompt tokens (the "
              "server's own count: `timings.cache_n`, `usage.prompt_tokens_details.cached_tokens` or /infill's "
-             "`tokens_cached`); llama.vscode's warm-ups (`n_predict: 0`) are left out of it. Awaited latency "
+             "`tokens_cached`); llama.vscode's warm-ups (`n_predict: 0`) are left out of it. Prefix-cache hit rate: "
+             "the growth of `fauxpilot_prefix_cache_hits` ÷ (hits + `fauxpilot_prefix_cache_misses`) over the "
+             "session, summed over the workers and, behind nginx, over the instances (each read directly); requests "
+             "per instance: the growth of `fauxpilot_requests_total` on each (cancelled ones included). Awaited latency "
              "counts from when the client would send (after its own debounce), including any wait for its previous "
              "request; timed-out answers count as the cap (≥). Fidelity: with the default anchoring, the share of "
              "answers to prompts it changed that equal the answer to the prompt as sent, from the newest "

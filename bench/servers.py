@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import nginx
 from .client import get_status
 from .llama_server import find_binary, fim_overrides
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ours", "ours_nospec", "naive", "llamacpp", "llamaserver")
-LABELS = {"ours": "ours", "ours_nospec": "FauxPilot Lite (no speculation)", "naive": "naive", "llamacpp": "llama.cpp",
+SYSTEMS = ("ours", "ours_nospec", "ours_w2", "ours_nginx", "naive", "llamacpp", "llamaserver")
+LABELS = {"ours": "ours", "ours_nospec": "FauxPilot Lite (no speculation)", "ours_w2": "ours, 2 workers on one port",
+          "ours_nginx": "ours, 2 instances behind nginx", "naive": "naive", "llamacpp": "llama.cpp",
           "llamaserver": "llama-server"}
+# ours_nginx: this many instances of one worker each, on ports of their own, behind the shipped nginx site.
+NGINX_INSTANCES = 2
 LLAMACPP_INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" .venv/bin/pip install 'llama-cpp-python[server]'"
 
 
@@ -69,6 +73,12 @@ class Server:
     log_path: Path | None = None
     drop_fields: tuple[str, ...] = ()  # request fields this server refuses (left out of every request)
     command: list[str] = field(default_factory=list)  # how it was started (for the results)
+    parts: list["Server"] = field(default_factory=list)  # the instances behind it (a proxy), stopped with it
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Where to read /metrics: each instance behind a proxy (which would pick one by its hash), else itself."""
+        return [part.url for part in self.parts] or [self.url]
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's log (empty when it was not started here)."""
@@ -113,6 +123,20 @@ def _ours_nospec_command(port: int, model: ModelFiles) -> tuple[list[str], dict[
     return argv, {**env, "FAUXPILOT_SPECULATIVE_TOKENS": "0"}
 
 
+def _ours_w2_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    # Two gunicorn workers on one port: the kernel hands each new connection to either worker.
+    argv, env = _ours_command(port, model)
+    return argv, {**env, "FAUXPILOT_WORKERS": "2"}
+
+
+def _ours_instance_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
+    # One instance of several on this machine: its share of the cores (the thread plan 2 workers would get),
+    # and it believes nginx's X-Forwarded-For.
+    argv, env = _ours_command(port, model)
+    share = max(1, (os.cpu_count() or 1) // NGINX_INSTANCES)
+    return argv, {**env, "FAUXPILOT_TORCH_THREADS": str(share), "FAUXPILOT_TRUSTED_PROXIES": "1"}
+
+
 def _naive_command(port: int, model: ModelFiles) -> tuple[list[str], dict[str, str]]:
     return ([sys.executable, "-m", "bench.naive_server", "--model", str(model.folder),
              "--host", "127.0.0.1", "--port", str(port), "--threads", "2"], {})
@@ -154,6 +178,10 @@ LAUNCHERS = {
                      stream_body={"stream_options": {"include_usage": True}}),
     "ours_nospec": Launcher(_ours_nospec_command, "/health", streams=True,
                             stream_body={"stream_options": {"include_usage": True}}),
+    "ours_w2": Launcher(_ours_w2_command, "/health", streams=True,
+                        stream_body={"stream_options": {"include_usage": True}}),
+    "ours_instance": Launcher(_ours_instance_command, "/health", streams=True,
+                              stream_body={"stream_options": {"include_usage": True}}),
     "naive": Launcher(_naive_command, "/health", streams=False),
     # llama-cpp-python's completions default to repeat_penalty 1.1; plain greedy like the others.
     "llamacpp": Launcher(_llamacpp_command, "/v1/models", streams=True, extra_body={"repeat_penalty": 1.0}),
@@ -173,6 +201,8 @@ def attach(name: str, url: str) -> Server:
 
 def start(name: str, model: ModelFiles, ready_timeout: float = 300.0) -> Server:
     """Start system ``name`` on a free loopback port and wait until it answers; raise ServerStartError."""
+    if name == "ours_nginx":
+        return _start_behind_nginx(name, model, ready_timeout)
     launcher = LAUNCHERS[name]
     port = free_port()
     argv, env_changes = launcher.command(port, model)
@@ -194,6 +224,39 @@ def start(name: str, model: ModelFiles, ready_timeout: float = 300.0) -> Server:
     return server
 
 
+def _start_behind_nginx(name: str, model: ModelFiles, ready_timeout: float) -> Server:
+    """NGINX_INSTANCES instances of ours, one after another, then the shipped nginx site in front of them."""
+    binary = nginx.nginx_binary()
+    if binary is None:
+        raise ServerStartError("nginx is not installed (Debian: apt-get install nginx)")
+    parts: list[Server] = []
+    try:
+        for _ in range(NGINX_INSTANCES):
+            parts.append(start("ours_instance", model, ready_timeout))
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        port = free_port()
+        nginx.write_config(tmp, port, [int(part.url.rsplit(":", 1)[1]) for part in parts])
+        nginx.check_config(binary, tmp)
+        argv = nginx.command(binary, tmp, "-g", "daemon off;")
+        launcher = LAUNCHERS["ours_instance"]
+        server = Server(name, f"http://127.0.0.1:{port}", launcher.streams, dict(launcher.extra_body),
+                        dict(launcher.stream_body), log_path=tmp / "error.log", command=argv, parts=parts)
+        with open(tmp / "nginx.out", "w") as output:
+            server.process = subprocess.Popen(argv, cwd=tmp, stdout=output, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True)
+        nginx.wait_listening(port, server.process)
+        wait_ready(server, "/health", ready_timeout)
+        return server
+    except nginx.NginxError as exc:
+        for part in parts:
+            stop(part)
+        raise ServerStartError(str(exc)) from None
+    except BaseException:
+        for part in parts:
+            stop(part)
+        raise
+
+
 def wait_ready(server: Server, path: str, timeout: float) -> None:
     """Poll ``GET path`` until it answers 200; raise ServerStartError if the process dies or time runs out."""
     started = time.perf_counter()
@@ -207,8 +270,16 @@ def wait_ready(server: Server, path: str, timeout: float) -> None:
 
 
 def stop(server: Server, grace: float = 20.0) -> None:
-    """Stop a server this script started: SIGTERM to its process group, then SIGKILL after ``grace`` s."""
-    process = server.process
+    """Stop a server this script started (and the instances behind it): SIGTERM to its process group, then SIGKILL."""
+    try:
+        _stop_process(server.process, grace)
+    finally:
+        for part in server.parts:
+            stop(part, grace)
+
+
+def _stop_process(process: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM to ``process``'s group, then SIGKILL after ``grace`` s."""
     if process is None or process.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):

@@ -21,8 +21,12 @@ keystroke of each burst. What the client does with the other keystrokes is its o
   last keystroke sends, streamed, greedy, 128 tokens, no stops; for its decode speed and the
   server's speculation counters.
 
-Every session reads the server's speculation counters from /metrics before and after (ours has
-them; absent counters are reported as None). Awaited latency counts from the moment the client
+Every session reads the server's speculation and prefix-cache counters from /metrics before and
+after (ours has them; absent counters are reported as None); a server made of several instances
+(behind nginx) is read instance by instance. Each client sends the headers that name it (its key,
+Copilot's session ids). With ``editors`` above 1, that many developers type at once, each from a
+loopback address of its own and in a file of its own (the first in the session's file, the others
+in other standard-library files), and their requests are summarized together. Awaited latency counts from the moment the client
 would send (after its own debounce) to the answer, including any wait for the client's previous
 request. Other clients do nothing while the typist pauses, so their sessions skip the pauses.
 """
@@ -35,10 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .client import ABANDONED, DONE, ERROR, TIMEOUT, Outcome, complete, read_spec_counters, spec_delta
+from .client import (ABANDONED, DONE, ERROR, TIMEOUT, Outcome, cache_delta, complete, read_cache_counters,
+                     read_spec_counters, spec_delta)
 from .corpus import Corpus, edit_source, keystroke_source
 from .editors import (EDIT_CONTEXT, EDIT_MAX_TOKENS, EDIT_SUFFIX_LINES, LLAMA_RING_IDLE_S, Doc, Ring, TypingScript,
-                      continue_body, continue_prompt, copilot_body, copilot_context, copilot_prompt, edit_body,
+                      continue_body, continue_prompt, copilot_body, copilot_context, copilot_headers,
+                      copilot_prompt, edit_body,
                       edit_start_line, fauxpilot_body, future_fields, infill_body, infill_fields, warmup_body)
 from .servers import Server
 from .stats import decode_speed, median, percentile
@@ -72,13 +78,16 @@ class SessionOptions:
     edit_tokens: int = EDIT_MAX_TOKENS        # edit session: max_tokens of each request
     edit_context: int = EDIT_CONTEXT          # edit session: prompt budget in tokens
     edit_suffix_lines: int = EDIT_SUFFIX_LINES  # edit session: lines after the cursor sent as suffix
+    editors: int = 1           # developers typing at once, each with its own client, address and file
 
 
 class Session:
     """One client's requests against one server: sends them, records them, keeps background ones."""
 
-    def __init__(self, server: Server, options: SessionOptions):
+    def __init__(self, server: Server, options: SessionOptions, headers: dict[str, str] | None = None,
+                 source: str | None = None):
         self.server, self.options = server, options
+        self.headers, self.source = headers or {}, source  # the client's identity, and the address it sends from
         self.records: list[dict[str, Any]] = []
         self.unsupported: str | None = None
         self.inflight: threading.Thread | None = None  # llama.vscode's one request in progress
@@ -98,8 +107,8 @@ class Session:
              abandon: bool = False, waited_s: float = 0.0, truth: str | None = None) -> Outcome:
         """Send one request and record it (thread-safe); note the first refusal of an unsupported route."""
         outcome = complete(self.server.url, self._body(path, body, stream), stream, limit=limit, abandon=abandon,
-                           path=path)
-        record = {"kind": kind, "step": step, "status": outcome.status, "http_status": outcome.http_status,
+                           path=path, headers=self.headers, source=self.source)
+        record = {"kind": kind, "step": step, "editor": self.source, "status": outcome.status, "http_status": outcome.http_status,
                   "ttft_ms": _ms(outcome.ttft), "latency_ms": _ms(outcome.latency), "waited_ms": _ms(waited_s),
                   "last_ms": _ms(outcome.last), "completion_tokens": outcome.completion_tokens,
                   "prompt_tokens": outcome.prompt_tokens, "cached_tokens": outcome.cached_tokens,
@@ -151,9 +160,15 @@ class Editor:
     in_burst = "skip"  # what an unanswered keystroke inside a burst does: skip | abandon | serial
     uses_pauses = False  # whether the client does anything while the typist pauses (else the bench skips pauses)
 
-    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path, index: int = 0):
         self.corpus, self.options, self.source = corpus, options, source
-        self.rng = random.Random(options.seed)
+        self.rng = random.Random(options.seed + index)
+        # A generator of its own, so that the identity does not change the plugin's random choices.
+        self.identity = random.Random(f"{options.seed}-identity-{index}")
+
+    def headers(self) -> dict[str, str]:
+        """The headers the client sends with every request (what names it to a proxy)."""
+        return {}
 
     @classmethod
     def target(cls, options: SessionOptions) -> tuple[Path, int]:
@@ -180,6 +195,10 @@ class FauxPilot(Editor):
 
     name, debounce_s = "fauxpilot", 0.15
 
+    def headers(self) -> dict[str, str]:
+        """Its axios mode (the default): no key at all (tests/test_client_requests.py)."""
+        return {"User-Agent": "axios/1.5.0"}
+
     def request(self, doc: Doc) -> dict[str, Any]:
         """fauxpilot_body: the plugin's getPrompt rule."""
         return fauxpilot_body(doc)
@@ -190,10 +209,15 @@ class Copilot(Editor):
 
     name, stream, in_burst = "copilot", True, "abandon"
 
-    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
-        super().__init__(corpus, options, source)
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path, index: int = 0):
+        super().__init__(corpus, options, source, index)
+        self.identity_headers = copilot_headers(self.identity)
         # Similar-file snippets of neighbouring tabs: up to 4 windows of 60 lines (chosen once per session).
         self.context = copilot_context(source.name, _other_files(corpus, source, 4, 60, self.rng))
+
+    def headers(self) -> dict[str, str]:
+        """Its session and machine ids and a token (copilot_headers)."""
+        return self.identity_headers
 
     def request(self, doc: Doc) -> dict[str, Any]:
         """copilot_body over the budgeted prompt."""
@@ -206,9 +230,14 @@ class Continue(Editor):
 
     name, stream, debounce_s = "continue", True, 0.35
 
-    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
-        super().__init__(corpus, options, source)
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path, index: int = 0):
+        super().__init__(corpus, options, source, index)
+        self.key = f"sk-continue-{self.identity.getrandbits(32):08x}"  # each developer's own
         self.snippets = [(f"Lib/{name}", text) for name, text in _other_files(corpus, source, 6, 15, self.rng)]
+
+    def headers(self) -> dict[str, str]:
+        """Its configured key, as Bearer and as api-key (tests/test_client_requests.py)."""
+        return {"Authorization": f"Bearer {self.key}", "api-key": self.key}
 
     def request(self, doc: Doc) -> dict[str, Any]:
         """continue_body with a fresh shuffle of the snippets."""
@@ -220,8 +249,8 @@ class LlamaVscode(Editor):
 
     name, path, in_burst, uses_pauses = "llamavscode", "/infill", "serial", True
 
-    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
-        super().__init__(corpus, options, source)
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path, index: int = 0):
+        super().__init__(corpus, options, source, index)
         self.ring = Ring()
         self.fields = None
 
@@ -268,9 +297,14 @@ class Edit(Editor):
 
     name, stream = "edit", True
 
-    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path):
-        super().__init__(corpus, options, source)
+    def __init__(self, corpus: Corpus, options: SessionOptions, source: Path, index: int = 0):
+        super().__init__(corpus, options, source, index)
         self.start: int | None = None  # where the prompt begins, fixed at the first request
+        self.key = f"sk-edit-{self.identity.getrandbits(32):08x}"
+
+    def headers(self) -> dict[str, str]:
+        """An OpenAI SDK's Bearer key."""
+        return {"Authorization": f"Bearer {self.key}"}
 
     @classmethod
     def target(cls, options: SessionOptions) -> tuple[Path, int]:
@@ -321,29 +355,72 @@ def _awaited(editor: Editor, session: Session, script: TypingScript, step: int) 
 
 
 def run_session(name: str, server: Server, corpus: Corpus, options: SessionOptions) -> dict[str, Any]:
-    """Type through the file as client ``name`` against ``server``; every request and the summary."""
+    """Type through the file as client ``name`` against ``server`` (``options.editors`` developers at once)."""
+    targets = _targets(name, corpus, options)
+    urls = server.metrics_urls
+    counters, cache = read_spec_counters(urls), read_cache_counters(urls)
+    started = time.perf_counter()
+    sessions: list[Session | None] = [None] * len(targets)
+    failures: list[BaseException] = []
+
+    def type_as(index: int) -> None:
+        try:
+            sessions[index] = _type(name, server, corpus, options, index, *targets[index])
+        except BaseException as exc:  # re-raised below, in the calling thread
+            failures.append(exc)
+
+    if len(targets) == 1:
+        type_as(0)
+    else:
+        threads = [threading.Thread(target=type_as, args=(index,), name=f"editor-{index}")
+                   for index in range(len(targets))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+    seconds = round(time.perf_counter() - started, 1)
+    records = [record for session in sessions for record in session.records]
+    for record in records:  # a server that sends no token count: count the answer's text
+        if record["kind"] == "awaited" and record["status"] == DONE and record["completion_tokens"] is None:
+            record["completion_tokens"] = corpus.count(record["completion"]) if record["completion"] else 0
+            record["tokens_counted_here"] = True
+    unsupported = next((session.unsupported for session in sessions if session.unsupported), None)
+    result = {"client": name, "options": asdict(options), "file": str(targets[0][0]), "start_line": targets[0][1],
+              "files": [str(path) for path, _ in targets], "seconds": seconds, "status": unsupported or "ok",
+              "records": records, "fidelity": None, "spec": spec_delta(counters, read_spec_counters(urls)),
+              "cache": cache_delta(cache, read_cache_counters(urls))}
+    return {**result, **summarize(records, options.timeout_s, EDITORS[name].stream)}
+
+
+def _targets(name: str, corpus: Corpus, options: SessionOptions) -> list[tuple[Path, int]]:
+    """(file, start line) of each developer: the session's own first, then other stdlib files at the same line."""
     source, start_line = EDITORS[name].target(options)
-    editor = EDITORS[name](corpus, options, source)
+    others = [path for path in corpus.files if path.name != source.name]
+    return [(source, start_line)] + [(others[k % len(others)], options.start_line)
+                                     for k in range(options.editors - 1)]
+
+
+def editor_address(index: int, editors: int) -> str | None:
+    """The loopback address developer ``index`` sends from: the default one when alone, else 127.0.0.(11 + index)."""
+    return None if editors <= 1 else f"127.0.0.{11 + index}"
+
+
+def _type(name: str, server: Server, corpus: Corpus, options: SessionOptions, index: int, source: Path,
+          start_line: int) -> Session:
+    """One developer typing through ``source`` from ``start_line`` as client ``name``; their session's records."""
+    editor = EDITORS[name](corpus, options, source, index)
     script = TypingScript(source.read_text(encoding="utf-8"), start_line, options.chars_per_step,
                           options.awaited * options.burst, source.name)
-    session = Session(server, options)
-    counters = read_spec_counters(server.url)
-    started = time.perf_counter()
+    session = Session(server, options, editor.headers(), editor_address(index, options.editors))
     editor.prepare(session)
     for burst in range(script.steps // options.burst):
         if session.unsupported:
             break
         _burst(editor, session, script, burst)
     session.join()  # not on an exception: the background threads are daemons, and the server is stopped next
-    seconds = round(time.perf_counter() - started, 1)
-    for record in session.records:  # a server that sends no token count: count the answer's text
-        if record["kind"] == "awaited" and record["status"] == DONE and record["completion_tokens"] is None:
-            record["completion_tokens"] = corpus.count(record["completion"]) if record["completion"] else 0
-            record["tokens_counted_here"] = True
-    result = {"client": name, "options": asdict(options), "file": str(source), "start_line": start_line,
-              "seconds": seconds, "status": session.unsupported or "ok", "records": session.records,
-              "fidelity": None, "spec": spec_delta(counters, read_spec_counters(server.url))}
-    return {**result, **summarize(session.records, options.timeout_s, editor.stream)}
+    return session
 
 
 def _burst(editor: Editor, session: Session, script: TypingScript, burst: int) -> None:

@@ -283,3 +283,40 @@ def test_latest_fidelity_reads_the_newest_file(tmp_path):
     (tmp_path / "fidelity-20260102-000000.json").write_text(json.dumps({"summary": {"copilot": {
         "anchored": {"same_when_changed": 0.9}, "restored": {"same_when_changed": 0.1}}}}))
     assert latest_fidelity(tmp_path)["styles"] == {"copilot": 0.9}
+
+
+def test_cache_delta_sums_instances_and_gives_the_hit_rate():
+    """Cache counters grow per instance; the total and the hit rate come from their sum."""
+    from bench.client import cache_counters, cache_delta
+    before = [cache_counters("fauxpilot_prefix_cache_hits{model=\"m\"} 2\nfauxpilot_prefix_cache_misses{model=\"m\"} 1\n"),
+              cache_counters("fauxpilot_prefix_cache_hits{model=\"m\"} 0\nfauxpilot_prefix_cache_misses{model=\"m\"} 0\n")]
+    after = [cache_counters("fauxpilot_prefix_cache_hits{model=\"m\"} 8\nfauxpilot_prefix_cache_misses{model=\"m\"} 2\n"
+                            "fauxpilot_requests_total{model=\"m\",status=\"200\"} 5\n"
+                            "fauxpilot_requests_total{model=\"m\",status=\"499\"} 2\n"),
+             cache_counters("fauxpilot_prefix_cache_hits{model=\"m\"} 1\nfauxpilot_prefix_cache_misses{model=\"m\"} 1\n"
+                            "fauxpilot_requests_total{model=\"m\",status=\"200\"} 2\n")]
+    delta = cache_delta(before, after)
+    assert (delta["hits"], delta["misses"], delta["requests"]) == (7, 2, 9)
+    assert delta["hit_rate"] == pytest.approx(7 / 9)
+    assert [part["requests"] for part in delta["per_instance"]] == [7, 2]
+    none = cache_delta([cache_counters(None)], [cache_counters("other_metric 1\n")])
+    assert none["hits"] is None and none["hit_rate"] is None
+
+
+def test_copilot_headers_name_one_session_per_seed():
+    """A developer's Copilot ids stay the same through the session and differ between developers."""
+    first, again = editors.copilot_headers(random.Random("a")), editors.copilot_headers(random.Random("a"))
+    other = editors.copilot_headers(random.Random("b"))
+    assert first == again and first["VScode-SessionId"] != other["VScode-SessionId"]
+    assert len(first["VScode-MachineId"]) == 64 and first["Authorization"].startswith("Bearer tid=")
+
+
+def test_nginx_site_changes_only_the_listen_port_and_the_servers():
+    """The bench's and the tests' nginx runs the shipped site with one server line per instance."""
+    from bench.nginx import SITE, site_config
+    text = site_config(8123, [6001, 6002])
+    assert "listen 127.0.0.1:8123;" in text and "listen 80;" not in text
+    assert "    server 127.0.0.1:6001 max_fails=1 fail_timeout=10s;\n    server 127.0.0.1:6002 max_fails=1" in text
+    shipped = SITE.read_text()
+    kept = [line for line in shipped.splitlines() if "listen 80;" not in line and "server 127.0.0.1:5000" not in line]
+    assert all(line in text.splitlines() for line in kept)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -16,66 +14,29 @@ from typing import Iterator
 
 import pytest
 
-from tests.gunicorn_server import ROOT, Server, free_port, serving_tiny_model
+from bench.nginx import SITE, command, nginx_binary, write_config
+from tests.gunicorn_server import Server, free_port, serving_tiny_model
 
 pytestmark = pytest.mark.slow
 
-SITE = ROOT / "deploy" / "nginx" / "fauxpilot-lite.conf"
 MAX_BODY = 4 * 1024 * 1024  # the app's max_request_bytes default
 HEADER_TIMEOUT = 10  # the config's client_header_timeout and client_body_timeout, in seconds
 CONN_LIMIT = 8  # the config's limit_conn per client address
 CLIENT = "127.0.0.3"  # requests through nginx come from here, so the forwarded address differs from nginx's own
 STREAM_BODY = {"prompt": "x = 1", "max_tokens": 200, "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}}
 
-MAIN_CONFIG = """\
-{user}worker_processes 1;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/fauxpilot-lite.conf;
-}}
-"""
-
-
-def nginx_binary() -> str | None:
-    """The nginx executable (Debian puts it in /usr/sbin, which a user's PATH may lack)."""
-    found = shutil.which("nginx")
-    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
-        found = "/usr/sbin/nginx"
-    return found
-
-
-def site_config(listen_port: int, upstream_port: int) -> str:
-    """The shipped config with only its listen port and upstream address changed."""
-    text = SITE.read_text()
-    for old, new in (("listen 80;", f"listen 127.0.0.1:{listen_port};"),
-                     ("server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")):
-        assert text.count(old) == 1, f"{SITE.name} should contain {old!r} exactly once"
-        text = text.replace(old, new)
-    return text
-
 
 class Nginx:
     """nginx in the foreground, as the current user, with all its files in a temporary folder."""
 
-    def __init__(self, binary: str, tmp: Path, upstream_port: int):
+    def __init__(self, binary: str, tmp: Path, upstream_ports: list[int]):
         self.port = free_port()
         self.tmp = tmp
-        (tmp / "fauxpilot-lite.conf").write_text(site_config(self.port, upstream_port))
-        user = "user root;\n" if os.geteuid() == 0 else ""  # as root, workers would run as nobody
-        (tmp / "nginx.conf").write_text(MAIN_CONFIG.format(user=user, tmp=tmp))
+        write_config(tmp, self.port, upstream_ports)
         self.error_log = tmp / "error.log"
         self.output = open(tmp / "nginx.out", "w")
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(tmp), "-e", str(self.error_log), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
-            stdout=self.output, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(command(binary, tmp, "-g", "daemon off;"),
+                                     stdout=self.output, stderr=subprocess.STDOUT)
 
     def logs(self) -> str:
         """nginx's output and error log, for failure messages."""
@@ -103,9 +64,9 @@ class Nginx:
 
 
 @contextmanager
-def running_nginx(binary: str, tmp: Path, upstream_port: int) -> Iterator[Nginx]:
-    """nginx with the shipped config in front of ``upstream_port``."""
-    nginx = Nginx(binary, tmp, upstream_port)
+def running_nginx(binary: str, tmp: Path, *upstream_ports: int) -> Iterator[Nginx]:
+    """nginx with the shipped config in front of ``upstream_ports``."""
+    nginx = Nginx(binary, tmp, list(upstream_ports))
     try:
         nginx.wait_ready()
         yield nginx
