@@ -82,7 +82,48 @@ class EngineStats:
     upstream_seconds: float = 0.0  # upstream time to the end, summed
 
 
-class Engine:
+class ServedModel:
+    """What every engine offers the web layer beside generation: its names, its text, whole completions.
+
+    Subclasses set ``config`` and ``preparer`` and implement prepare, admit and stream.
+    """
+
+    config: ModelConfig
+    preparer: Preparer
+
+    @property
+    def name(self) -> str:
+        """The model's primary name."""
+        return self.config.name
+
+    @property
+    def supports_fim(self) -> bool:
+        """Whether a request's suffix is used for fill-in-the-middle."""
+        return self.config.fim is not None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token sequence, special tokens dropped."""
+        return self.preparer.decode(ids)
+
+    def stream(self, request: Request, watch: Watch = Watch()) -> Iterator[Delta]:
+        """Run a prepared request; yield its deltas as they come."""
+        raise NotImplementedError
+
+    def complete(self, request: Request, watch: Watch = Watch()) -> list[SequenceResult]:
+        """Run a prepared request to its end and return each returned sequence whole."""
+        for _ in self.stream(request, watch):
+            pass
+        return request.results()
+
+    def open(self, request: Request) -> None:
+        """Start what could still refuse the request before any reply is sent (nothing, in-process)."""
+
+    def health(self) -> str | None:
+        """None when the engine can serve (an in-process model always can once loaded), else why not."""
+        return None
+
+
+class Engine(ServedModel):
     """A loaded model and tokenizer, completing the prompts of many requests in one batch."""
 
     def __init__(self, config: ModelConfig, model: torch.nn.Module, tokenizer, device: torch.device,
@@ -105,20 +146,6 @@ class Engine:
         self.admission = Admission(options.max_batch + options.max_waiting)
         self.answers = AnswerCache(options.answer_cache)
 
-    @property
-    def name(self) -> str:
-        """The model's primary name."""
-        return self.config.name
-
-    @property
-    def supports_fim(self) -> bool:
-        """Whether a request's suffix is used for fill-in-the-middle."""
-        return self.config.fim is not None
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of a token sequence, special tokens dropped."""
-        return self.preparer.decode(ids)
-
     # -- the interface ---------------------------------------------------------------
 
     def prepare(self, prompt: str, params: SamplingParams, *, suffix: str | None = None, n: int = 1,
@@ -134,13 +161,6 @@ class Engine:
     def admit(self) -> Ticket:
         """A place for one client request, or :class:`EngineBusy` when running and waiting are full."""
         return self.admission.enter()
-
-    def open(self, request: Request) -> None:
-        """Start what could still refuse the request before any reply is sent: nothing, in-process."""
-
-    def health(self) -> str | None:
-        """None when the engine can serve (an in-process model always can once loaded)."""
-        return None
 
     def stream(self, request: Request, watch: Watch = Watch()) -> Iterator[Delta]:
         """Run a prepared request; yield its deltas as they come (the echoed prompt first).
@@ -179,12 +199,6 @@ class Engine:
             self._log_timing(request)
         if key is not None and request.outcome == "done":
             self.answers.put(key, request, sent)
-
-    def complete(self, request: Request, watch: Watch = Watch()) -> list[SequenceResult]:
-        """Run a prepared request to its end and return each returned sequence whole."""
-        for _ in self.stream(request, watch):
-            pass
-        return request.results()
 
     def stats(self) -> EngineStats:
         """Load and prefix-cache figures right now."""

@@ -26,9 +26,9 @@ import torch
 
 from config import EngineOptions, ModelConfig
 
-from .engine import Admission, EngineStats, Ticket
+from .engine import Admission, EngineStats, ServedModel, Ticket
 from .errors import (InvalidParameter, UpstreamBusy, UpstreamMisconfigured, UpstreamRejected, UpstreamUnavailable)
-from .params import Delta, PromptContext, SamplingParams, SequenceResult
+from .params import Delta, PromptContext, SamplingParams
 from .prepare import TRACE_ALTERNATIVES, ModelFacts, Preparer
 from .request import Request, Watch
 from .sequence import SequenceState
@@ -216,7 +216,7 @@ class UpstreamCounters:
     live: int = 0  # sequences generating upstream now
 
 
-class UpstreamEngine:
+class UpstreamEngine(ServedModel):
     """The engine interface (prepare, admit, open, stream, stats) for a model that runs on another server."""
 
     def __init__(self, config: ModelConfig, facts: ModelFacts, tokenizer, options: EngineOptions,
@@ -231,20 +231,6 @@ class UpstreamEngine:
         self._mutex = threading.Lock()
         self._opened: dict[int, UpstreamCall] = {}  # id(request) -> its first call, made before the reply
         self._probed: tuple[float, str | None] = (0.0, None)
-
-    @property
-    def name(self) -> str:
-        """The model's primary name."""
-        return self.config.name
-
-    @property
-    def supports_fim(self) -> bool:
-        """Whether a request's suffix is used for fill-in-the-middle."""
-        return self.config.fim is not None
-
-    def decode(self, ids) -> str:
-        """Text of a token sequence, special tokens dropped."""
-        return self.preparer.decode(ids)
 
     # -- the interface ---------------------------------------------------------------
 
@@ -300,12 +286,6 @@ class UpstreamEngine:
                     call.close()  # the upstream stops at once, not at its next token
             self._take_opened(request)
             self._log_timing(request)
-
-    def complete(self, request: Request, watch: Watch = Watch()) -> list[SequenceResult]:
-        """Run a prepared request to its end and return each returned sequence whole."""
-        for _ in self.stream(request, watch):
-            pass
-        return request.results()
 
     def score_prompt(self, request: Request, alternatives: int) -> None:
         """None: scoring the prompt needs this process's logits (the upstream's are not asked for)."""
