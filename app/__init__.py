@@ -10,7 +10,7 @@ from config import Settings, load_settings
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, engines: Iterable[Any] = ()) -> Flask:
-    """Assemble the app: settings (file + env, or given), the completions blueprint, one error handler.
+    """Assemble the app: settings (file + env, or given), the completions and ui blueprints, one error handler.
 
     ``config`` is either complete :class:`Settings` or overrides applied to the loaded
     ones; ``engines`` are ready engines to serve instead of loading the configured models.
