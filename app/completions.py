@@ -85,14 +85,20 @@ def _tag(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
     # Copilot clients refuse GitHub API replies without it.
     response.headers["X-GitHub-Request-Id"] = g.get("request_id", "")
+    if not (request.endpoint in QUIET_ENDPOINTS and response.status_code < 400):
+        finish_record(response)
+    return response
+
+
+def finish_record(response: Response) -> None:
+    """Write the request's record (log line, metrics, usage) once its reply is done."""
     record = g.get("record")
-    if record is None or (request.endpoint in QUIET_ENDPOINTS and response.status_code < 400):
-        return response
+    if record is None:
+        return
     if response.is_streamed:  # written when the server closes the stream: after its last byte, or a hang-up
         response.call_on_close(lambda status=response.status_code: record.finish(status))
     else:
         record.finish(response.status_code)
-    return response
 
 
 @bp.get("/health")
@@ -179,7 +185,7 @@ def infill():
     A ``model`` that names no served model is ignored, as a one-model llama.cpp server ignores it
     (llama.vscode sends its own setting's model name).
     """
-    body = parse_infill_request(decode_json_body(_read_body(), request.mimetype or ""))
+    body = parse_infill_request(decode_json_body(read_body(), request.mimetype or ""))
     engines = get_engines()
     engine = engines.get(body.model if body.model in engines.configs else None)
     completion = body.completion()
@@ -188,10 +194,10 @@ def infill():
                            client_gone_probe(request.environ), engines.stopping)
     if not body.stream:
         return Response(compact_json(whole_infill(run, body)), mimetype="application/json")
-    return _event_stream(InfillEventStream(run, body))
+    return event_stream(InfillEventStream(run, body))
 
 
-def _event_stream(events) -> Response:
+def event_stream(events) -> Response:
     """A server-sent event response that proxies pass through as it is written."""
     response = Response(events, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
@@ -199,7 +205,7 @@ def _event_stream(events) -> Response:
     return response
 
 
-def _read_body() -> bytes:
+def read_body() -> bytes:
     """The whole request body, or the error that says why there is none (413, 408, 499, 400).
 
     Read from the WSGI input itself: under gunicorn, werkzeug hands back a body cut short by a
@@ -228,7 +234,7 @@ def _read_body() -> bytes:
 
 
 def _complete(engine_name: str | None, chat_deltas: bool = False):
-    body = parse_completion_request(decode_json_body(_read_body(), request.mimetype or ""))
+    body = parse_completion_request(decode_json_body(read_body(), request.mimetype or ""))
     engines = get_engines()
     engine = engines.get(engine_name or body.model)
     _count_usage(body, engine.name)
@@ -236,7 +242,7 @@ def _complete(engine_name: str | None, chat_deltas: bool = False):
                            engines.stopping)
     if not body.stream:
         return jsonify(whole_completion(run))
-    return _event_stream(EventStream(run, chat_deltas))
+    return event_stream(EventStream(run, chat_deltas))
 
 
 # Headers editors send that name one editing session (Copilot's VS Code client sends the first).

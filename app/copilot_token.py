@@ -31,11 +31,6 @@ def mint(key: str | None, proxy_host: str, now: float | None = None) -> tuple[st
     return ";".join(fields), expires_at
 
 
-def verify(token: str, keys: Iterable[str], now: float | None = None) -> bool:
-    """Whether ``token`` was minted here with one of ``keys`` and has not expired."""
-    return minting_key(token, keys, now) is not None
-
-
 def minting_key(token: str, keys: Iterable[str], now: float | None = None) -> str | None:
     """The key of ``keys`` that ``token`` was minted with, if it was and has not expired."""
     fields = dict(part.split("=", 1) for part in token.split(";") if "=" in part)

@@ -95,13 +95,13 @@ def start_completion(engine: Engine, body: CompletionRequest, settings: Settings
     return CompletionRun(engine, body, requests, ticket, watch, record)
 
 
-def _gather(run: CompletionRun) -> list[ChoiceOut]:
+def gather(run: CompletionRun) -> list[ChoiceOut]:
     """Every choice of a run, its deltas joined (the run is released however it ends)."""
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list] = {}
     reasons: dict[int, str | None] = {}
     try:
-        for index, delta in _closing_iter(run):
+        for index, delta in closing_iter(run):
             texts.setdefault(index, []).append(delta.text)
             logprobs.setdefault(index, []).extend(delta.logprobs)
             reasons[index] = delta.finish_reason or reasons.get(index)
@@ -112,7 +112,7 @@ def _gather(run: CompletionRun) -> list[ChoiceOut]:
 
 def whole_completion(run: CompletionRun) -> dict:
     """The whole ``text_completion``: every choice's deltas joined."""
-    return completion_response(run.id, run.created, run.engine.name, _gather(run), *run.record.usage,
+    return completion_response(run.id, run.created, run.engine.name, gather(run), *run.record.usage,
                                run.body.params.logprobs is not None, run.cached_tokens)
 
 
@@ -138,7 +138,7 @@ def _infill_results(run: CompletionRun, body: InfillRequest, texts: dict[int, st
 
 def whole_infill(run: CompletionRun, body: InfillRequest) -> dict | list[dict]:
     """llama.cpp's /infill reply: the result, or a list of them when several completions were asked for."""
-    texts = {choice.index: choice.text for choice in _gather(run)}
+    texts = {choice.index: choice.text for choice in gather(run)}
     results = _infill_results(run, body, texts)
     return results[0] if body.n_cmpl == 1 else results
 
@@ -158,7 +158,7 @@ class EventStream:
         run, body = self.run, self.run.body
         with_logprobs = body.params.logprobs is not None
         try:
-            for index, delta in _closing_iter(run):
+            for index, delta in closing_iter(run):
                 yield sse_event(stream_chunk(run.id, run.created, run.engine.name, index, delta.text,
                                              delta.logprobs if with_logprobs else None, delta.finish_reason,
                                              chat_delta=self.chat_deltas))
@@ -188,7 +188,7 @@ class InfillEventStream(EventStream):
     def _generate(self) -> Iterator[str]:
         run = self.run
         try:
-            for index, delta in _closing_iter(run):
+            for index, delta in closing_iter(run):
                 if delta.text:
                     yield sse_event(infill_chunk(index, delta.text))
             for result in _infill_results(run, self.body, {}):
@@ -198,7 +198,7 @@ class InfillEventStream(EventStream):
         run.record.complete = True
 
 
-def _closing_iter(iterable) -> Iterator:
+def closing_iter(iterable) -> Iterator:
     """Iterate ``iterable``, closing its iterator however the loop ends."""
     with closing(iter(iterable)) as items:
         yield from items

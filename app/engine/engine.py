@@ -278,10 +278,16 @@ class Engine(ServedModel):
                  "%.1f tok/s, total %.0f ms%s%s (batch: %d running, %d waiting)", request.id, self.name,
                  len(request.prompt_ids), request.reused, generated, t.queued_ms or 0.0,
                  nan if t.first_token_ms is None else t.first_token_ms,
-                 nan if t.tokens_per_second is None else t.tokens_per_second, t.total_ms, drafts, ", cancelled" if cancelled else "", running, waiting)
+                 nan if t.tokens_per_second is None else t.tokens_per_second, t.total_ms, drafts,
+                 ", cancelled" if cancelled else "", running, waiting)
         if self.options.debug:
-            for seq in request.sequences:
-                rule = seq.stopped_by.rule if seq.stopped_by else None
-                log.info("[%s] sequence %d: finish_reason=%s (rule %s) after %d tokens, stops=%r, ids=%s, text=%r",
-                         request.id, seq.index, seq.finish_reason, rule, seq.generated, seq.stop.stops, seq.token_ids,
-                         seq.text)
+            log_sequences(request)
+
+
+def log_sequences(request: Request) -> None:
+    """The debug log's line per sequence: how it ended, its ids and its text."""
+    for seq in request.sequences:
+        rule = seq.stopped_by.rule if seq.stopped_by else None
+        log.info("[%s] sequence %d: finish_reason=%s (rule %s) after %d tokens, stops=%r, ids=%s, text=%r",
+                 request.id, seq.index, seq.finish_reason, rule, seq.generated, seq.stop.stops, seq.token_ids,
+                 seq.text)

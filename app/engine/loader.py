@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -442,28 +442,31 @@ def load_upstream(config: ModelConfig, settings: Settings):
     client = UpstreamClient(config.url, config.upstream_api_key, settings.request_timeout or 600.0)
     log.info("model %s: tokenizer from %s in %.1f s; generation upstream at %s (%s)", config.name, config.source,
              time.perf_counter() - started, config.url, config.upstream_model or "its default model")
+    return _built(config, lambda: UpstreamEngine(config, ModelFacts(model_config, vocab_size, generation), tokenizer,
+                                                 settings.engine, client))
+
+
+def _built(config: ModelConfig, build: Callable[[], object]):
+    """``build()``, with a FIM or repo template that does not fit the tokenizer as a ModelLoadError."""
+    from .context import RepoTemplateError
+    from .prompts import TemplateError
+
     try:
-        return UpstreamEngine(config, ModelFacts(model_config, vocab_size, generation), tokenizer, settings.engine,
-                              client)
-    except ValueError as exc:  # TemplateError, RepoTemplateError
+        return build()
+    except RepoTemplateError as exc:
         raise ModelLoadError(f"model {config.name!r}: {exc}") from None
+    except TemplateError as exc:
+        raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None
 
 
 def load_engine(config: ModelConfig, settings: Settings, slot: int = 0):
     """Build a ready :class:`~app.engine.engine.Engine` for one config entry."""
     if config.backend == "openai":
         return load_upstream(config, settings)
-    from .context import RepoTemplateError
     from .engine import Engine
-    from .prompts import TemplateError
     from .threads import ThreadPlan
 
     device = pick_device(settings.device, slot)
     model, tokenizer = load_pretrained(config, settings.cache_dir, device, resolve_dtype(config.dtype, device))
     threads = ThreadPlan.for_cpu(settings.engine, settings.workers) if device.type == "cpu" else ThreadPlan()
-    try:
-        return Engine(config, model, tokenizer, device, settings.engine, threads)
-    except RepoTemplateError as exc:
-        raise ModelLoadError(f"model {config.name!r}: {exc}") from None
-    except TemplateError as exc:
-        raise ModelLoadError(f"model {config.name!r}: fim template {config.fim.template!r}: {exc}") from None
+    return _built(config, lambda: Engine(config, model, tokenizer, device, settings.engine, threads))

@@ -26,7 +26,7 @@ import torch
 
 from config import EngineOptions, ModelConfig
 
-from .engine import Admission, EngineStats, ServedModel, Ticket
+from .engine import Admission, EngineStats, ServedModel, Ticket, log_sequences
 from .errors import (InvalidParameter, UpstreamBusy, UpstreamMisconfigured, UpstreamRejected, UpstreamUnavailable)
 from .params import Delta, PromptContext, SamplingParams
 from .prepare import TRACE_ALTERNATIVES, ModelFacts, Preparer
@@ -408,14 +408,11 @@ class UpstreamEngine(ServedModel):
             call.close()  # a stop decided here ends the upstream's generation too
 
     def _log_timing(self, request: Request) -> None:
-        t = request.timings
-        end = t.finished or time.perf_counter()
-        ttft = (t.first_token - t.submitted) * 1000 if t.first_token else float("nan")
         generated = sum(seq.generated for seq in request.sequences)
+        t = request.timings.breakdown(generated, len(request.sequences))
         log.info("[%s] %s: %d prompt tokens, %d generated upstream, first token %.0f ms, total %.0f ms%s",
-                 request.id, self.name, len(request.prompt_ids), generated, ttft, (end - t.submitted) * 1000,
+                 request.id, self.name, len(request.prompt_ids), generated,
+                 float("nan") if t.first_token_ms is None else t.first_token_ms, t.total_ms,
                  "" if request.outcome == "done" else f", {request.outcome or 'cancelled'}")
         if self.options.debug:
-            for seq in request.sequences:
-                log.info("[%s] sequence %d: finish_reason=%s after %d tokens, stops=%r, ids=%s, text=%r", request.id,
-                         seq.index, seq.finish_reason, seq.generated, seq.stop.stops, seq.token_ids, seq.text)
+            log_sequences(request)

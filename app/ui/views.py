@@ -11,10 +11,10 @@ from typing import Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 from werkzeug.exceptions import NotFound
 
-from ..completions import _read_body, check_api_key, get_engines, open_request_record
+from ..completions import check_api_key, event_stream, finish_record, get_engines, open_request_record, read_body
 from ..errors import reply_for
 from ..protocol import InvalidRequestError, decode_json_body, sse_event
-from ..serving import CompletionRun, EventStream, _closing_iter, client_gone_probe, start_completion
+from ..serving import CompletionRun, EventStream, client_gone_probe, closing_iter, gather, start_completion
 from .trace import DebugRequest, parse_debug_request, trace
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", static_folder="static", template_folder=None)
@@ -33,13 +33,8 @@ def _authenticate() -> None:
 @bp.after_request
 def _tag(response: Response) -> Response:
     response.headers["X-Request-Id"] = g.get("request_id", "")
-    record = g.get("record")
-    if record is None or request.endpoint not in API_ENDPOINTS:
-        return response
-    if response.is_streamed:
-        response.call_on_close(lambda status=response.status_code: record.finish(status))
-    else:
-        record.finish(response.status_code)
+    if request.endpoint in API_ENDPOINTS:
+        finish_record(response)
     return response
 
 
@@ -64,23 +59,16 @@ def reports_page():
 @bp.post("/api/complete")
 def complete():
     """Run one client request as its route would, and answer with everything the server knows of it."""
-    debug = parse_debug_request(decode_json_body(_read_body(), request.mimetype or ""))
+    debug = parse_debug_request(decode_json_body(read_body(), request.mimetype or ""))
     engines = get_engines()
     name = debug.model if not debug.infill or debug.model in engines.configs else None
     engine = engines.get(name)
     run = start_completion(engine, debug.completion, current_app.config["FAUXPILOT"], g.record,
                            client_gone_probe(request.environ), engines.stopping, trace=True)
     if not debug.stream:
-        try:
-            for _ in _closing_iter(run):
-                pass
-        finally:
-            run.close()
+        gather(run)
         return jsonify(trace(run.id, engine, debug, run.requests))
-    response = Response(TraceEventStream(run, debug), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    return event_stream(TraceEventStream(run, debug))
 
 
 class TraceEventStream(EventStream):
@@ -94,7 +82,7 @@ class TraceEventStream(EventStream):
     def _generate(self) -> Iterator[str]:
         run = self.run
         try:
-            for index, delta in _closing_iter(run):
+            for index, delta in closing_iter(run):
                 if delta.text:
                     yield sse_event({"delta": {"index": index, "text": delta.text}})
             yield sse_event({"trace": trace(run.id, run.engine, self.debug, run.requests)})
